@@ -1,0 +1,55 @@
+"""PI-VQ on the procedural aligned faces: the embedded default, CPU-sized.
+
+  python -m pivq_jax.main --config=configs/faces.py --workdir=/tmp/pivq_faces
+
+Trains in under 10 minutes on 2 CPU cores with no downloads. Everything here is scaled down
+from celeba64.py (a choice; the paper has no such setting). The schedule still has the
+paper's phases: unquantized warm-up, then k-means++ codebook initialisation at T_q, then
+quantized training.
+`:runlocal` shrinks it to a smoke test of a few steps.
+"""
+
+from pivq_jax import config_lib
+
+
+def get_config(arg: str | None = None):
+  c = config_lib.base_config()
+  c.data.name = "faces"
+  c.data.resolution = 64
+
+  c.model.nf = 32
+  c.model.ch_mult = (1, 2, 2, 4)  # 64px -> 8x8 grid
+  c.model.res_blocks = 1
+  c.model.attn_resolutions = ()
+  c.model.emb_dim = 64
+  c.model.num_latents = 32
+  c.model.tfm_layers = 2
+  c.model.tfm_heads = 4
+  c.model.tfm_mlp_dim = 256
+
+  c.quantizer.assignment = "nearest"
+  c.quantizer.num_codes = 256
+
+  c.batch_size = 16
+  c.num_train_steps = 3000
+  c.optim.learning_rate = 1e-3  # far above the paper's 4.5e-6 x batch: minutes, not days
+  c.codebook_init.start_step = 1000
+  c.codebook_init.num_batches = 16
+  c.ema.decay = 0.99  # the paper's 0.995 every 10 steps lags a 3k-step run by ~2k steps
+  c.ema.every = 1
+
+  c.eval.num_examples = 512
+  c.eval.batch_size = 64
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 500
+
+  if arg == "runlocal":
+    c.num_train_steps = 6
+    c.codebook_init.start_step = 3
+    c.codebook_init.num_batches = 2
+    c.eval.num_examples = 64
+    c.log_every = c.eval_every = c.checkpoint_every = 3
+  elif arg:
+    raise ValueError(f"Unknown config argument {arg!r}; use 'runlocal' or nothing.")
+  return c

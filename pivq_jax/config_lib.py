@@ -1,0 +1,139 @@
+"""The config schema shared by every config file, and the checks run before compiling.
+
+Config files in configs/ start from `base_config()` and override what differs, so every
+field exists in every config (later features read them without special cases). Values the
+paper does not fix are marked "choice".
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from pivq_jax.models import trunk
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_train_steps = 1000
+  c.batch_size = 16  # global, across all devices and hosts
+
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "faces"  # faces | celeba | celebahq | image_folder
+  c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir, or the image folder
+  c.data.resolution = 64
+  c.data.test_fraction = 0.1  # image_folder only: held-out share (choice)
+  c.data.num_threads = 2  # grain reader threads per process
+
+  c.model = ml_collections.ConfigDict()
+  c.model.nf = 128
+  c.model.ch_mult = (1, 2, 2, 4)
+  c.model.res_blocks = 2
+  c.model.attn_resolutions = (8,)
+  c.model.emb_dim = 128  # D
+  c.model.num_latents = 256  # L
+  c.model.tfm_layers = 4
+  c.model.tfm_heads = 8  # choice
+  c.model.tfm_mlp_dim = 512  # 4 * D
+  c.model.ut_unused_skip = False  # UT quirk: unused 1x1 skip params (count parity only)
+  c.model.dtype = "float32"  # compute dtype: float32 | bfloat16; params stay float32
+
+  c.quantizer = ml_collections.ConfigDict()
+  c.quantizer.assignment = "nearest"  # nearest | matching
+  c.quantizer.num_codes = 2048  # K
+  c.quantizer.solver = "hungarian"  # matching solver
+  c.quantizer.beta = 0.25
+  c.quantizer.beta_on_codebook = True  # UT's convention; False = VQ-VAE's
+  c.quantizer.validate_every = 0  # matching: check against exact Hungarian every N steps
+
+  # Delayed codebook initialisation (paper §3.7): no quantization before start_step, then a
+  # k-means++ codebook fitted to recent encoder outputs.
+  c.codebook_init = ml_collections.ConfigDict()
+  c.codebook_init.start_step = 25_000  # T_q
+  c.codebook_init.num_batches = 16  # batches of latents the k-means sees (choice)
+  c.codebook_init.kmeans_iters = 20  # Lloyd iterations after k-means++ (choice)
+  c.codebook_init.reinit_steps = ()  # later re-initialisations (choice)
+
+  c.loss = ml_collections.ConfigDict()
+  c.loss.l1_weight = 1.0
+  c.loss.lpips_weight = 0.0  # paper: 1.0 (LPIPS arrives with the full objective)
+  c.loss.adversarial_weight = 0.0  # paper: 1.0 with UT's adaptive weight
+  c.loss.disc_start_step = 100_000
+
+  c.disc = ml_collections.ConfigDict()
+  c.disc.ndf = 64
+  c.disc.n_layers = 3
+  c.disc.diffaug = "color,translation"
+  c.disc.translation_ratio = 0.125
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.learning_rate = 4.5e-6 * c.batch_size  # UT/paper: 4.5e-6 x batch
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+
+  c.ema = ml_collections.ConfigDict()
+  c.ema.decay = 0.995
+  c.ema.every = 10
+
+  # Device mesh: -1 takes all remaining devices.
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.num_examples = 512
+  c.eval.batch_size = 16  # global
+  c.eval.grid_images = 8  # originals + reconstructions shown in the PNG grid
+
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  return c
+
+
+def unimplemented_fields(config) -> list[str]:
+  """Non-default settings of features this version does not train with yet."""
+  out = []
+  if config.loss.lpips_weight:
+    out.append("loss.lpips_weight")
+  if config.loss.adversarial_weight:
+    out.append("loss.adversarial_weight")
+  if config.codebook_init.reinit_steps:
+    out.append("codebook_init.reinit_steps")
+  return out
+
+
+class ConfigError(ValueError):
+  """An invalid config, reported in one sentence before anything compiles."""
+
+
+def check_config(config, *, num_devices: int) -> None:
+  """Raises ConfigError for configs that cannot train; cheap, runs before compiling."""
+  m, q, d = config.model, config.quantizer, config.data
+  if q.assignment not in ("nearest", "matching"):
+    raise ConfigError(f"quantizer.assignment is {q.assignment!r}; use 'nearest' or "
+                      "'matching'.")
+  if q.assignment == "matching" and m.num_latents > q.num_codes:
+    raise ConfigError(f"Matching quantization needs L <= K, but model.num_latents="
+                      f"{m.num_latents} exceeds quantizer.num_codes={q.num_codes}; lower L "
+                      "or raise K.")
+  factor = trunk.downsampling_factor(m.ch_mult)
+  if d.resolution % factor:
+    raise ConfigError(f"Image size {d.resolution} is not divisible by the trunk's "
+                      f"down-sampling factor {factor} (ch_mult={tuple(m.ch_mult)}); pick a "
+                      f"resolution that is a multiple of {factor}.")
+  for name, batch in (("batch_size", config.batch_size),
+                      ("eval.batch_size", config.eval.batch_size)):
+    if batch % num_devices:
+      raise ConfigError(f"Global {name}={batch} is not divisible by the {num_devices} "
+                        f"devices; use a multiple of {num_devices}.")
+  if m.emb_dim % m.tfm_heads:
+    raise ConfigError(f"model.emb_dim={m.emb_dim} is not divisible by model.tfm_heads="
+                      f"{m.tfm_heads}; pick a head count that divides it.")
+  for name, ch in (("nf", m.nf),) + tuple((f"nf*ch_mult[{i}]", m.nf * c)
+                                          for i, c in enumerate(m.ch_mult)):
+    if ch % 32:
+      raise ConfigError(f"Trunk width {name}={ch} is not a multiple of 32, which UT's "
+                        "GroupNorm(32) needs; use a multiple of 32 for model.nf.")
+  if m.dtype not in ("float32", "bfloat16"):
+    raise ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")

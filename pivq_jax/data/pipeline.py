@@ -1,0 +1,111 @@
+"""Input pipelines: dataset name -> grain random-access source -> per-process batches.
+
+Training batches are a pure function of the step: the shuffled, repeated dataset is indexed
+by `step`, so resuming at step s reads exactly the batches an uninterrupted run would have
+read (no iterator state to checkpoint). Each process reads its own strided slice of the
+global example stream (`process_index::process_count`), the grain analogue of
+`tfds.split_for_jax_process`.
+"""
+
+import os
+from typing import Iterator
+
+import grain
+import numpy as np
+
+DATASETS = ("faces", "celeba", "celebahq", "image_folder")
+# Datasets read from disk and the name of their data location in error messages.
+_NEEDS_DATA_DIR = {"celeba": "TFDS data dir", "celebahq": "TFDS data dir",
+                   "image_folder": "image folder"}
+
+
+def check_data_config(data) -> None:
+  """Cheap checks that fail before anything compiles (unknown name, missing directory)."""
+  if data.name not in DATASETS:
+    raise ValueError(f"Unknown dataset name {data.name!r}; set --config.data.name to one "
+                     f"of {', '.join(DATASETS)}.")
+  if data.name in _NEEDS_DATA_DIR:
+    what = _NEEDS_DATA_DIR[data.name]
+    if not data.data_dir:
+      raise ValueError(f"Dataset {data.name!r} reads from a {what}; set "
+                       f"--config.data.data_dir=/path/to/it.")
+    if "://" not in data.data_dir and not os.path.isdir(data.data_dir):
+      raise FileNotFoundError(f"The {what} {data.data_dir!r} for dataset {data.name!r} "
+                              "does not exist; fix --config.data.data_dir.")
+
+
+def make_source(data, split: str):
+  """Returns the grain random-access source for `data.name` and split "train"/"test"."""
+  check_data_config(data)
+  if data.name == "faces":
+    from pivq_jax.data import faces
+    return faces.FacesSource(resolution=data.resolution, split=split)
+  if data.name == "celeba":
+    from pivq_jax.data import tfds_sources
+    return tfds_sources.celeba_source(split=split, data_dir=data.data_dir,
+                                      resolution=data.resolution)
+  if data.name == "celebahq":
+    from pivq_jax.data import tfds_sources
+    return tfds_sources.celebahq_source(split=split, data_dir=data.data_dir,
+                                        resolution=data.resolution)
+  from pivq_jax.data import image_folder
+  return SkipInvalid(image_folder.ImageFolderSource(
+      data.data_dir, resolution=data.resolution, split=split,
+      test_fraction=data.test_fraction))
+
+
+class SkipInvalid(grain.sources.RandomAccessDataSource):
+  """Replaces an unreadable example (`valid == False`) by the next readable one.
+
+  Policy for corrupt, truncated or non-image files: skip and count. The wrapped source logs
+  each bad file with a running count; substituting a deterministic neighbour instead of
+  dropping keeps batches a pure function of the step, so resume stays exact.
+  """
+
+  def __init__(self, source, max_tries: int = 64):
+    self._source = source
+    self._max_tries = max_tries
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    n = len(self._source)
+    for k in range(self._max_tries):
+      item = self._source[(int(index) + k) % n]
+      if item.get("valid", True):
+        item.pop("valid", None)
+        return item
+    raise ValueError(f"{self._max_tries} consecutive examples from {index} could not be "
+                     f"decoded in {self._source!r}; the image folder looks corrupt.")
+
+  def __repr__(self):
+    return f"SkipInvalid({self._source!r})"
+
+
+def train_batches(source, *, local_batch: int, seed: int, start_step: int = 0,
+                  process_index: int = 0, process_count: int = 1,
+                  num_threads: int = 2, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
+  """Infinite iterator of this process's batches for steps start_step, start_step+1, ..."""
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  ds = ds[start_step:]
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                   prefetch_buffer_size=prefetch)))
+
+
+def eval_batches(source, *, num_examples: int, batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+  """The first `num_examples` examples of a (held-out) source, in fixed order, batched.
+
+  The count is rounded down to a whole number of global batches so every device gets the
+  same shapes (no recompiles, no padding logic).
+  """
+  n = min(num_examples, len(source))
+  n -= n % (batch_size * process_count)
+  if n == 0:
+    raise ValueError(f"The eval split has {len(source)} examples, fewer than one global eval "
+                     f"batch of {batch_size * process_count}; lower --config.eval.batch_size.")
+  ds = grain.MapDataset.source(source)[:n][process_index::process_count]
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return list(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))

@@ -1,0 +1,102 @@
+"""Vector quantization with a learned codebook (paper §3.3-3.4).
+
+One module serves both of the paper's quantizers; they differ only in how latents are
+assigned to codes:
+  - "nearest": each latent independently takes its nearest code (VQ-VAE; paper §3.3).
+    Codes may repeat within an image.
+  - "matching": each image's L latents take L *distinct* codes by an optimal one-to-one
+    assignment under plain Euclidean cost (paper §3.4, supplemental §1.2).
+Losses and straight-through gradients are shared (spec §2).
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from pivq_jax.quantizers import matching
+from pivq_jax.quantizers import nearest
+
+ASSIGNMENTS = ("nearest", "matching")
+
+
+def squared_distances(z, codebook):
+  """z: [B, L, D], codebook: [K, D] -> [B, L, K] squared L2, in float32."""
+  z = z.astype(jnp.float32)
+  codebook = codebook.astype(jnp.float32)
+  return (jnp.sum(z * z, -1, keepdims=True) + jnp.sum(codebook * codebook, -1)
+          - 2.0 * jnp.einsum("bld,kd->blk", z, codebook))
+
+
+def code_presence(indices, num_codes):
+  """indices: int[B, L] -> bool[B, K]: whether code k occurs in image b's code set.
+
+  This is also the K binary features the paper probes (§3.8).
+  """
+  b = jnp.arange(indices.shape[0])[:, None]
+  return jnp.zeros((indices.shape[0], num_codes), bool).at[b, indices].set(True)
+
+
+class VectorQuantizer(nn.Module):
+  """z_e: [B, L, D] -> (straight-through z_q [B, L, D], aux dict).
+
+  Attributes:
+    num_codes: K, the codebook size.
+    dim: D, the code dimension.
+    assignment: "nearest" or "matching".
+    solver: matching solver (see `matching.assign`); ignored for nearest.
+    beta: weight of one of the two VQ loss terms (0.25 in UT and the paper).
+    beta_on_codebook: UT's convention (default) puts beta on the codebook term,
+      ||sg(z_e) - z_q||^2; VQ-VAE puts it on the commitment term ||z_e - sg(z_q)||^2.
+  """
+  num_codes: int
+  dim: int
+  assignment: str = "nearest"
+  solver: str = "hungarian"
+  beta: float = 0.25
+  beta_on_codebook: bool = True
+
+  def setup(self):
+    if self.assignment not in ASSIGNMENTS:
+      raise ValueError(f"Unknown quantizer assignment {self.assignment!r}; use one of "
+                       f"{ASSIGNMENTS}.")
+    # UT's codebook init: U(-1/K, 1/K). Delayed k-means++ init (paper §3.7) replaces it.
+    k = self.num_codes
+    self.codebook = self.param(
+        "codebook", lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -1 / k, 1 / k),
+        (self.num_codes, self.dim))
+
+  def assign(self, z_e):
+    """int32[B, L] code indices for latents z_e [B, L, D]."""
+    d2 = squared_distances(jax.lax.stop_gradient(z_e), self.codebook)
+    if self.assignment == "nearest":
+      return nearest.assign(d2)
+    # Matching minimises the sum of plain (not squared) Euclidean distances (spec §2).
+    return matching.assign(jnp.sqrt(jnp.maximum(d2, 0.0)), solver=self.solver)
+
+  def lookup(self, indices):
+    return jnp.take(self.codebook, indices, axis=0)
+
+  def __call__(self, z_e) -> tuple[jax.Array, dict[str, Any]]:
+    indices = self.assign(z_e)
+    z_q = self.lookup(indices).astype(z_e.dtype)
+    z32, q32 = z_e.astype(jnp.float32), z_q.astype(jnp.float32)
+    commit = jnp.mean(jnp.square(jax.lax.stop_gradient(q32) - z32))
+    codebook = jnp.mean(jnp.square(q32 - jax.lax.stop_gradient(z32)))
+    if self.beta_on_codebook:
+      loss = commit + self.beta * codebook
+    else:
+      loss = codebook + self.beta * commit
+    # Straight-through estimator: forward uses z_q, backward copies gradients to z_e.
+    z_st = z_e + jax.lax.stop_gradient(z_q - z_e)
+    presence = code_presence(indices, self.num_codes)
+    aux = {
+        "loss": loss,
+        "commit_loss": commit,
+        "codebook_loss": codebook,
+        "indices": indices,
+        "presence": presence,
+        "distinct_codes": jnp.sum(presence, axis=-1),  # K_img per image
+    }
+    return z_st, aux

@@ -1,0 +1,370 @@
+"""The one PI-VQ trainer. Every mode (train, eval; later sample, interpolate, export, plan)
+goes through `run`, which shares the set-up below rather than copying it.
+
+Read top to bottom: config -> model/optimizer -> mesh and sharding -> input -> train state
+and checkpoints -> the update step -> evaluation -> delayed codebook init -> the loop.
+"""
+
+import functools
+import json
+import signal
+import time
+from typing import Any
+
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+from etils import epath
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from ott.tools import k_means
+
+from pivq_jax import config_lib
+from pivq_jax import visualize
+from pivq_jax.data import pipeline
+from pivq_jax.models import autoencoder
+from pivq_jax.quantizers import vq
+
+MODES = ("train", "eval")
+
+
+# ----------------------------------------------------------------------------------------
+# Model and optimizer: the only place config fields become module fields.
+# ----------------------------------------------------------------------------------------
+def build_model(config) -> autoencoder.PIVQAutoencoder:
+  m, q = config.model, config.quantizer
+  quantizer = vq.VectorQuantizer(
+      num_codes=q.num_codes, dim=m.emb_dim, assignment=q.assignment, solver=q.solver,
+      beta=q.beta, beta_on_codebook=q.beta_on_codebook)
+  return autoencoder.PIVQAutoencoder(
+      resolution=config.data.resolution, nf=m.nf, ch_mult=tuple(m.ch_mult),
+      res_blocks=m.res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+      emb_dim=m.emb_dim, num_latents=m.num_latents, tfm_layers=m.tfm_layers,
+      tfm_heads=m.tfm_heads, tfm_mlp_dim=m.tfm_mlp_dim, quantizer=quantizer,
+      ut_unused_skip=m.ut_unused_skip, dtype=jnp.dtype(m.dtype))
+
+
+def build_optimizer(config) -> optax.GradientTransformation:
+  # UT/paper: Adam(0.9, 0.999), no weight decay, schedule or clipping.
+  o = config.optim
+  return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # number of completed updates
+  params: Any
+  ema_params: Any  # the weights used for eval, codes and samples (UT/paper)
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------------------
+# Mesh and sharding: batches split along "data"; parameters replicated.
+# ----------------------------------------------------------------------------------------
+def make_mesh(config) -> jax.sharding.Mesh:
+  n = config.mesh.data if config.mesh.data > 0 else jax.device_count()
+  devices = np.asarray(jax.devices()[:n])
+  return jax.sharding.Mesh(devices, ("data",))
+
+
+def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+  """Per-process numpy batch -> one global array sharded over the mesh."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def _images(batch) -> jax.Array:
+  return batch["image"].astype(jnp.float32) / 255.0
+
+
+# ----------------------------------------------------------------------------------------
+# Train state, created already sharded, and checkpoints.
+# ----------------------------------------------------------------------------------------
+def create_train_state(model, tx, config, mesh):
+  r = config.data.resolution
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def init(key):
+    params = model.init(key, jnp.zeros((1, r, r, 3), jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=params, opt_state=tx.init(params))
+
+  abstract = jax.eval_shape(init, jax.random.key(config.seed))
+  shardings = jax.tree.map(lambda _: replicated, abstract)
+  # Never materialise unsharded: jit the init with output shardings (big_vision habit).
+  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  return state, shardings
+
+
+def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
+  # Orbax writes each step to a temporary directory and renames it when complete, so a
+  # killed run never leaves a checkpoint that looks whole but is not.
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
+  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+
+
+def restore_or_keep(mngr, state, shardings):
+  step = mngr.latest_step()
+  if step is None:
+    return state
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, shardings)
+  logging.info("Resuming from checkpoint step %d in %s", step, mngr.directory)
+  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+_IDENTITY_SECTIONS = ("data", "model", "quantizer")
+
+
+def check_workdir_config(workdir, config) -> None:
+  """A workdir belongs to one model: refuse to resume it with a different architecture."""
+  path = epath.Path(workdir) / "config.json"
+  current = json.loads(config.to_json_best_effort())
+  if path.exists():
+    saved = json.loads(path.read_text())
+    for section in _IDENTITY_SECTIONS:
+      if saved.get(section) != current.get(section):
+        diff = sorted(k for k in set(saved.get(section, {})) | set(current[section])
+                      if saved.get(section, {}).get(k) != current[section].get(k))
+        raise config_lib.ConfigError(
+            f"Workdir {workdir} was trained with a different config ({section}."
+            f"{', '.join(diff)} differ); use a new --workdir or the original config.")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(current, indent=2, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------
+# The update step: L1 reconstruction + quantizer loss, Adam, EMA every `ema.every` steps.
+# ----------------------------------------------------------------------------------------
+def train_step(state: TrainState, batch, *, model, tx, config):
+  x = _images(batch)
+  # Delayed quantization (paper §3.7): latents bypass the quantizer before T_q.
+  quantize = state.step >= config.codebook_init.start_step
+
+  def loss_fn(params):
+    x_hat, aux = model.apply({"params": params}, x, quantize=quantize)
+    l1 = jnp.mean(jnp.abs(x - x_hat))
+    loss = config.loss.l1_weight * l1 + aux["loss"]
+    return loss, (x_hat, aux, l1)
+
+  (loss, (x_hat, aux, l1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # EMA of params, no bias correction, every `every` steps (UT: beta 0.995 every 10).
+  do_ema = (state.step + 1) % config.ema.every == 0
+  decay = jnp.where(do_ema, config.ema.decay, 1.0)
+  ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
+  mse = jnp.mean(jnp.square(jnp.clip(x_hat, 0, 1) - x), axis=(1, 2, 3))
+  metrics = {
+      "loss": loss, "l1": l1, "vq_loss": aux["loss"], "commit_loss": aux["commit_loss"],
+      "psnr": jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10))),
+      "distinct_codes_mean": jnp.mean(aux["distinct_codes"].astype(jnp.float32)),
+      "distinct_codes_max": jnp.max(aux["distinct_codes"]),
+      "batch_codebook_usage": jnp.sum(jnp.any(aux["presence"], axis=0)),
+      "grad_norm": optax.global_norm(grads), "quantize": quantize.astype(jnp.float32),
+  }
+  new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                            opt_state=opt_state)
+  return new_state, metrics
+
+
+# ----------------------------------------------------------------------------------------
+# Evaluation on the held-out split: L1, PSNR, distinct codes per image, codebook usage.
+# ----------------------------------------------------------------------------------------
+def eval_step(params, batch, quantize, *, model):
+  x = _images(batch)
+  x_hat, aux = model.apply({"params": params}, x, quantize=quantize)
+  mse = jnp.mean(jnp.square(jnp.clip(x_hat, 0, 1) - x), axis=(1, 2, 3))
+  return {
+      "l1": jnp.mean(jnp.abs(x - x_hat), axis=(1, 2, 3)),
+      "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
+      "distinct_codes": aux["distinct_codes"],
+      "usage": jnp.any(aux["presence"], axis=0),
+  }, x_hat
+
+
+def evaluate(eval_fn, params, eval_data, quantize, sharding) -> tuple[dict, np.ndarray]:
+  per_image, usage, first_recon = {}, None, None
+  for batch in eval_data:
+    out, x_hat = eval_fn(params, global_batch(batch, sharding), quantize)
+    out = jax.device_get(out)
+    if first_recon is None:
+      first_recon = np.asarray(jax.device_get(x_hat))
+    usage = out.pop("usage") if usage is None else usage | out.pop("usage")
+    for k, v in out.items():
+      per_image.setdefault(k, []).append(np.asarray(v))
+  per_image = {k: np.concatenate(v) for k, v in per_image.items()}
+  k_img = per_image["distinct_codes"]
+  metrics = {
+      "l1": float(per_image["l1"].mean()),
+      "psnr": float(per_image["psnr"].mean()),
+      "distinct_codes_mean": float(k_img.mean()),
+      "distinct_codes_max": int(k_img.max()),  # K_img in the paper's capacity formulas
+      "codebook_usage": int(usage.sum()),  # K_data over the eval set
+  }
+  return metrics, first_recon
+
+
+def recon_grid(batch, recon, n) -> np.ndarray:
+  originals = np.asarray(batch["image"][:n], np.uint8)
+  return visualize.grid([originals, visualize.to_uint8(recon[:n])])
+
+
+# ----------------------------------------------------------------------------------------
+# Delayed codebook initialisation (paper §3.7): k-means++ (+ Lloyd) on encoder outputs.
+# ----------------------------------------------------------------------------------------
+def init_codebook(state: TrainState, batches, *, model, config, sharding) -> TrainState:
+  """Replaces the codebook with k-means centroids of the encoder's latents on `batches`.
+
+  The batches are those of the steps just before T_q (the "recent history" of §3.7),
+  re-encoded with the current encoder; `codebook_init.num_batches` sets the window.
+  """
+  encode = jax.jit(functools.partial(model.apply, method="encode"))
+  latents = jnp.concatenate(
+      [encode({"params": state.params}, _images(global_batch(b, sharding)))
+       .reshape(-1, config.model.emb_dim) for b in batches])
+  k = config.quantizer.num_codes
+  key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  fit = jax.jit(functools.partial(k_means.k_means, k=k, n_init=1, init="k-means++",
+                                  max_iterations=config.codebook_init.kmeans_iters))
+  out = fit(latents, rng=key)
+  codebook = out.centroids.astype(jnp.float32)
+  logging.info("Codebook init at step %d: k-means++ on %d latents, %d Lloyd iterations, "
+               "distortion %.4g.", int(state.step), latents.shape[0], int(out.iteration),
+               float(out.error))
+
+  def set_codebook(params):
+    params = flax.core.unfreeze(params)
+    params["quantizer"]["codebook"] = jnp.copy(codebook)  # own buffer: the step donates
+    return params
+
+  return state.replace(params=set_codebook(state.params),
+                       ema_params=set_codebook(state.ema_params))
+
+
+# ----------------------------------------------------------------------------------------
+# Entry point shared by every mode.
+# ----------------------------------------------------------------------------------------
+class _Preemption:
+  """SIGTERM (how TPU VMs and schedulers preempt) asks the loop to save and exit."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. some test runners)
+      pass
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting.")
+    self.requested = True
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> dict:
+  """Runs `mode` and returns its final metrics."""
+  if mode not in MODES:
+    raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
+  # Everything a user can get wrong is checked here, before any compilation.
+  config_lib.check_config(config, num_devices=jax.device_count())
+  train_source = pipeline.make_source(config.data, "train")
+  test_source = pipeline.make_source(config.data, "test")
+  for field in config_lib.unimplemented_fields(config):
+    logging.warning("config.%s is set but not trained with in this version; ignored.",
+                    field)
+
+  mesh = make_mesh(config)
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  model, tx = build_model(config), build_optimizer(config)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+  pidx, pcount = jax.process_index(), jax.process_count()
+  eval_data = pipeline.eval_batches(
+      test_source, num_examples=config.eval.num_examples,
+      batch_size=config.eval.batch_size // pcount, process_index=pidx, process_count=pcount)
+
+  check_workdir_config(workdir, config)
+  state, shardings = create_train_state(model, tx, config, mesh)
+  mngr = checkpoint_manager(workdir, config)
+  state = restore_or_keep(mngr, state, shardings)
+  start_step = int(state.step)
+
+  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+
+  def run_eval(step):
+    quantize = jnp.asarray(step >= config.codebook_init.start_step)
+    results = {}
+    for name, params in (("ema", state.ema_params), ("raw", state.params)):
+      metrics, recon = evaluate(eval_fn, params, eval_data, quantize, data_sharding)
+      results.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+      if name == "ema":
+        image = recon_grid(eval_data[0], recon, config.eval.grid_images)
+        visualize.save_png(epath.Path(workdir) / "images" / f"recon_{step:08d}.png", image)
+        writer.write_images(step, {"eval/recon_ema": image[None]})
+    writer.write_scalars(step, results)
+    writer.flush()
+    return results
+
+  if mode == "eval":
+    if mngr.latest_step() is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first with "
+                              "--mode=train or point --workdir at a trained run.")
+    results = run_eval(start_step)
+    (epath.Path(workdir) / f"eval_{start_step:08d}.json").write_text(
+        json.dumps(results, indent=2, sort_keys=True))
+    return results
+
+  # ---- training loop ----------------------------------------------------------------
+  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
+                    in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
+                    donate_argnums=0)
+  batch_iter = functools.partial(
+      pipeline.train_batches, train_source, local_batch=config.batch_size // pcount,
+      seed=config.seed, process_index=pidx, process_count=pcount,
+      num_threads=config.data.num_threads)
+  batches = batch_iter(start_step=start_step)
+  init_steps = {config.codebook_init.start_step, *config.codebook_init.reinit_steps}
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                           writer=writer)
+  preemption = _Preemption()
+  pending, results = [], {}
+  if start_step >= config.num_train_steps:
+    logging.info("Run in %s is already complete at step %d.", workdir, start_step)
+    return run_eval(start_step)
+  logging.info("Training from step %d to %d.", start_step, config.num_train_steps)
+  step = start_step
+  while step < config.num_train_steps:
+    if step in init_steps:
+      n = min(config.codebook_init.num_batches, max(step, 1))
+      history = batch_iter(start_step=max(step - n, 0))
+      state = init_codebook(state, [next(history) for _ in range(n)], model=model,
+                            config=config, sharding=data_sharding)
+    state, metrics = step_fn(state, global_batch(next(batches), data_sharding))
+    pending.append(metrics)
+    step += 1
+    report(step)
+    if step % config.log_every == 0 or step == config.num_train_steps:
+      # One device->host transfer per log interval keeps the step loop asynchronous.
+      stacked = jax.device_get(pending)
+      writer.write_scalars(step, {f"train/{k}": float(np.mean([m[k] for m in stacked]))
+                                  for k in stacked[0]})
+      pending = []
+      if not np.isfinite(stacked[-1]["loss"]):
+        raise FloatingPointError(f"Training loss became {stacked[-1]['loss']} at step "
+                                 f"{step}; lower --config.optim.learning_rate.")
+    if step % config.eval_every == 0 or step == config.num_train_steps:
+      results = run_eval(step)
+      logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
+    if (step % config.checkpoint_every == 0 or step == config.num_train_steps
+        or preemption.requested):
+      mngr.save(step, args=ocp.args.StandardSave(state))
+    if preemption.requested:
+      break
+  mngr.wait_until_finished()
+  writer.flush()
+  return results

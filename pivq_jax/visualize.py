@@ -1,0 +1,35 @@
+"""Image grids for people to look at: PNG files in the workdir and TensorBoard images."""
+
+import io
+
+from etils import epath
+import numpy as np
+from PIL import Image
+
+
+def to_uint8(images) -> np.ndarray:
+  """float images in [0, 1] (clamped here, only for display) -> uint8."""
+  return np.asarray(np.clip(np.asarray(images, np.float32), 0.0, 1.0) * 255.0 + 0.5,
+                    np.uint8)
+
+
+def grid(rows: list, pad: int = 2) -> np.ndarray:
+  """rows: list of uint8[N, H, W, 3] (same N, H, W) -> one uint8 image, one row each."""
+  n, h, w, _ = rows[0].shape
+  out = np.full((len(rows) * (h + pad) + pad, n * (w + pad) + pad, 3), 255, np.uint8)
+  for r, images in enumerate(rows):
+    for i, img in enumerate(images):
+      y, x = pad + r * (h + pad), pad + i * (w + pad)
+      out[y:y + h, x:x + w] = img
+  return out
+
+
+def save_png(path, image: np.ndarray) -> None:
+  """Writes atomically (temp name, then rename), locally or on GCS via epath."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_bytes(buf.getvalue())
+  tmp.rename(path)
