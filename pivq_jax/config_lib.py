@@ -35,6 +35,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tfm_heads = 8  # choice
   c.model.tfm_mlp_dim = 512  # 4 * D
   c.model.ut_unused_skip = False  # UT quirk: unused 1x1 skip params (count parity only)
+  c.model.norm_groups = 32  # UT's GroupNorm(32); narrow CPU trunks may want fewer
+  c.model.embed_std = 0.02  # init std of positional/query/output embeddings (choice)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16; params stay float32
 
   c.quantizer = ml_collections.ConfigDict()
@@ -70,6 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
+  c.optim.warmup_steps = 0  # linear warm-up (choice; the paper uses none)
 
   c.ema = ml_collections.ConfigDict()
   c.ema.decay = 0.995
@@ -132,8 +135,44 @@ def check_config(config, *, num_devices: int) -> None:
                       f"{m.tfm_heads}; pick a head count that divides it.")
   for name, ch in (("nf", m.nf),) + tuple((f"nf*ch_mult[{i}]", m.nf * c)
                                           for i, c in enumerate(m.ch_mult)):
-    if ch % 32:
-      raise ConfigError(f"Trunk width {name}={ch} is not a multiple of 32, which UT's "
-                        "GroupNorm(32) needs; use a multiple of 32 for model.nf.")
+    if ch % m.norm_groups:
+      raise ConfigError(f"Trunk width {name}={ch} is not a multiple of model.norm_groups="
+                        f"{m.norm_groups}, which GroupNorm needs; change model.nf.")
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")
+
+
+def paper_256px(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The paper's 256px setting (CelebA-HQ, FFHQ): spec §1 and §6, supplemental §2."""
+  c.data.resolution = 256
+  c.model.update(nf=128, ch_mult=(1, 1, 2, 2, 4), res_blocks=2, attn_resolutions=(16,),
+                 emb_dim=256, num_latents=512, tfm_layers=4, tfm_heads=8, tfm_mlp_dim=1024)
+  c.quantizer.update(assignment="matching", num_codes=4096)
+  c.batch_size = 4
+  c.num_train_steps = 1_400_000
+  c.optim.learning_rate = 4.5e-6 * c.batch_size
+  c.codebook_init.start_step = 60_000
+  c.loss.update(lpips_weight=1.0, adversarial_weight=1.0, disc_start_step=500_000)
+  c.eval.num_examples = 3000
+  c.eval.batch_size = 8
+  c.log_every = 100
+  c.eval_every = 10_000
+  c.checkpoint_every = 5000
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any config to a CPU smoke test of a few steps; the data stays the same."""
+  c.model.update(nf=32, ch_mult=tuple(c.model.ch_mult[:3]), res_blocks=1,
+                 attn_resolutions=(), emb_dim=32, num_latents=16, tfm_layers=1, tfm_heads=2,
+                 tfm_mlp_dim=64)
+  c.data.resolution = min(c.data.resolution, 64)
+  c.quantizer.num_codes = 64
+  c.batch_size = 2
+  c.num_train_steps = 6
+  c.optim.learning_rate = 1e-3
+  c.codebook_init.update(start_step=3, num_batches=2, kmeans_iters=3)
+  c.loss.disc_start_step = 3
+  c.eval.update(num_examples=8, batch_size=2, grid_images=2)
+  c.log_every = c.eval_every = c.checkpoint_every = 3
+  return c

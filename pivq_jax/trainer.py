@@ -46,13 +46,17 @@ def build_model(config) -> autoencoder.PIVQAutoencoder:
       res_blocks=m.res_blocks, attn_resolutions=tuple(m.attn_resolutions),
       emb_dim=m.emb_dim, num_latents=m.num_latents, tfm_layers=m.tfm_layers,
       tfm_heads=m.tfm_heads, tfm_mlp_dim=m.tfm_mlp_dim, quantizer=quantizer,
-      ut_unused_skip=m.ut_unused_skip, dtype=jnp.dtype(m.dtype))
+      ut_unused_skip=m.ut_unused_skip, embed_std=m.embed_std,
+      norm_groups=m.norm_groups, dtype=jnp.dtype(m.dtype))
 
 
 def build_optimizer(config) -> optax.GradientTransformation:
   # UT/paper: Adam(0.9, 0.999), no weight decay, schedule or clipping.
   o = config.optim
-  return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2, eps=o.eps)
+  lr = o.learning_rate
+  if o.warmup_steps:  # not in the paper (choice, default 0): helps short high-lr runs
+    lr = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+  return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
 
 
 @flax.struct.dataclass
@@ -166,7 +170,7 @@ def train_step(state: TrainState, batch, *, model, tx, config):
       "distinct_codes_mean": jnp.mean(aux["distinct_codes"].astype(jnp.float32)),
       "distinct_codes_max": jnp.max(aux["distinct_codes"]),
       "batch_codebook_usage": jnp.sum(jnp.any(aux["presence"], axis=0)),
-      "grad_norm": optax.global_norm(grads), "quantize": quantize.astype(jnp.float32),
+      "grad_norm": optax.tree.norm(grads), "quantize": quantize.astype(jnp.float32),
   }
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
@@ -351,15 +355,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     if step % config.log_every == 0 or step == config.num_train_steps:
       # One device->host transfer per log interval keeps the step loop asynchronous.
       stacked = jax.device_get(pending)
-      writer.write_scalars(step, {f"train/{k}": float(np.mean([m[k] for m in stacked]))
-                                  for k in stacked[0]})
+      train_metrics = {f"train/{k}": float(np.mean([m[k] for m in stacked]))
+                       for k in stacked[0]}
+      writer.write_scalars(step, train_metrics)
+      results.update(train_metrics)
       pending = []
       if not np.isfinite(stacked[-1]["loss"]):
         raise FloatingPointError(f"Training loss became {stacked[-1]['loss']} at step "
                                  f"{step}; lower --config.optim.learning_rate.")
     if step % config.eval_every == 0 or step == config.num_train_steps:
-      results = run_eval(step)
-      logging.info("step %d: %s", step, {k: round(v, 4) for k, v in results.items()})
+      eval_metrics = run_eval(step)
+      results.update(eval_metrics)
+      logging.info("step %d: %s", step, {k: round(v, 4) for k, v in eval_metrics.items()})
     if (step % config.checkpoint_every == 0 or step == config.num_train_steps
         or preemption.requested):
       mngr.save(step, args=ocp.args.StandardSave(state))

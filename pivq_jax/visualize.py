@@ -32,4 +32,4 @@ def save_png(path, image: np.ndarray) -> None:
   Image.fromarray(image).save(buf, format="PNG")
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_bytes(buf.getvalue())
-  tmp.rename(path)
+  tmp.replace(path)

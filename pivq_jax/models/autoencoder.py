@@ -19,7 +19,6 @@ from pivq_jax.models import transformer
 from pivq_jax.models import trunk
 from pivq_jax.quantizers import vq
 
-_embed_init = nn.initializers.normal(stddev=0.02)
 
 
 class PIVQAutoencoder(nn.Module):
@@ -34,6 +33,8 @@ class PIVQAutoencoder(nn.Module):
     tfm_layers, tfm_heads, tfm_mlp_dim: the two transformers.
     quantizer: the `vq.VectorQuantizer` (nearest or matching).
     ut_unused_skip: build UT's unused 1x1 skip convs (parameter-count parity only).
+    norm_groups: GroupNorm groups in the trunk (UT: 32).
+    embed_std: init scale of the positional, query and output embeddings (choice).
     dtype: compute dtype; parameters stay float32.
   """
   resolution: int
@@ -48,6 +49,8 @@ class PIVQAutoencoder(nn.Module):
   tfm_mlp_dim: int
   quantizer: vq.VectorQuantizer
   ut_unused_skip: bool = False
+  embed_std: float = 0.02
+  norm_groups: int = 32
   dtype: Any = jnp.float32
 
   @property
@@ -57,10 +60,11 @@ class PIVQAutoencoder(nn.Module):
   def setup(self):
     trunk_kw = dict(nf=self.nf, ch_mult=tuple(self.ch_mult), res_blocks=self.res_blocks,
                     attn_resolutions=tuple(self.attn_resolutions), dtype=self.dtype,
-                    ut_unused_skip=self.ut_unused_skip)
+                    ut_unused_skip=self.ut_unused_skip, norm_groups=self.norm_groups)
     tfm_kw = dict(num_layers=self.tfm_layers, num_heads=self.tfm_heads,
                   mlp_dim=self.tfm_mlp_dim, dtype=self.dtype)
     n_tokens = self.grid * self.grid
+    _embed_init = nn.initializers.normal(stddev=self.embed_std)
     self.encoder_trunk = trunk.Encoder(out_ch=self.emb_dim, **trunk_kw)
     self.input_positions = self.param("input_positions", _embed_init,
                                       (n_tokens, self.emb_dim))

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 
-def _group_norm(name=None):
+def _group_norm(groups: int):
   # UT: GroupNorm(32 groups, eps=1e-6, affine).
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, name=name)
+  return nn.GroupNorm(num_groups=groups, epsilon=1e-6)
 
 
 class ResBlock(nn.Module):
@@ -31,12 +31,13 @@ class ResBlock(nn.Module):
   out_ch: int
   dtype: jnp.dtype = jnp.float32
   ut_unused_skip: bool = False
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
-    h = nn.swish(_group_norm()(x))
+    h = nn.swish(_group_norm(self.norm_groups)(x))
     h = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype)(h)
-    h = nn.swish(_group_norm()(h))
+    h = nn.swish(_group_norm(self.norm_groups)(h))
     h = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype)(h)
     if x.shape[-1] != self.out_ch:
       x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="conv_out")(x)
@@ -48,11 +49,12 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
   """UT's single-head spatial self-attention with 1x1 q/k/v/proj and scale C^-1/2."""
   dtype: jnp.dtype = jnp.float32
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = _group_norm()(x)
+    y = _group_norm(self.norm_groups)(x)
     q, k, v = (nn.Conv(c, (1, 1), dtype=self.dtype, name=n)(y) for n in "qkv")
     q, k, v = (t.reshape(b, h * w, c) for t in (q, k, v))
     attn = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
@@ -90,6 +92,7 @@ class Encoder(nn.Module):
   out_ch: int
   dtype: jnp.dtype = jnp.float32
   ut_unused_skip: bool = False
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
@@ -97,17 +100,17 @@ class Encoder(nn.Module):
     x = nn.Conv(self.nf, (3, 3), padding=1, dtype=self.dtype)(x.astype(self.dtype))
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.res_blocks):
-        x = ResBlock(self.nf * mult, self.dtype, self.ut_unused_skip)(x)
+        x = ResBlock(self.nf * mult, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
         if res in self.attn_resolutions:
-          x = AttnBlock(self.dtype)(x)
+          x = AttnBlock(self.dtype, self.norm_groups)(x)
       if level != len(self.ch_mult) - 1:
         x = Downsample(self.dtype)(x)
         res //= 2
     ch = x.shape[-1]
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip)(x)
-    x = AttnBlock(self.dtype)(x)
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip)(x)
-    x = _group_norm()(x)
+    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
+    x = AttnBlock(self.dtype, self.norm_groups)(x)
+    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
+    x = _group_norm(self.norm_groups)(x)
     # UT applies no swish before this final conv.
     return nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype)(x)
 
@@ -121,24 +124,25 @@ class Decoder(nn.Module):
   out_ch: int = 3
   dtype: jnp.dtype = jnp.float32
   ut_unused_skip: bool = False
+  norm_groups: int = 32
 
   @nn.compact
   def __call__(self, x):
     res = x.shape[1]
     ch = self.nf * self.ch_mult[-1]
     x = nn.Conv(ch, (3, 3), padding=1, dtype=self.dtype)(x.astype(self.dtype))
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip)(x)
-    x = AttnBlock(self.dtype)(x)
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip)(x)
+    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
+    x = AttnBlock(self.dtype, self.norm_groups)(x)
+    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
     for level in reversed(range(len(self.ch_mult))):
       for _ in range(self.res_blocks):
-        x = ResBlock(self.nf * self.ch_mult[level], self.dtype, self.ut_unused_skip)(x)
+        x = ResBlock(self.nf * self.ch_mult[level], self.dtype, self.ut_unused_skip, self.norm_groups)(x)
         if res in self.attn_resolutions:
-          x = AttnBlock(self.dtype)(x)
+          x = AttnBlock(self.dtype, self.norm_groups)(x)
       if level != 0:
         x = Upsample(self.dtype)(x)
         res *= 2
-    x = _group_norm()(x)
+    x = _group_norm(self.norm_groups)(x)
     # Named so the adaptive GAN weight can find the final conv's kernel (UT's "last layer").
     x = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
     return x.astype(jnp.float32)

@@ -1,0 +1,43 @@
+"""Shared fixtures: a tiny faces config that compiles and trains in seconds on a CPU."""
+
+import importlib.util
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg: str | None = None):
+  """Loads configs/<name>.py the way `--config=configs/<name>.py[:arg]` does."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def tiny_config():
+  c = load_config("faces")
+  c.data.resolution = 32
+  c.model.update(nf=32, ch_mult=(1, 2, 2), res_blocks=1, attn_resolutions=(8,), emb_dim=32,
+                 num_latents=8, tfm_layers=1, tfm_heads=2, tfm_mlp_dim=64)
+  c.quantizer.num_codes = 16
+  c.batch_size = 4
+  c.num_train_steps = 6
+  c.codebook_init.start_step = 3
+  c.codebook_init.num_batches = 2
+  c.codebook_init.kmeans_iters = 3
+  c.eval.num_examples = 8
+  c.eval.batch_size = 4
+  c.eval.grid_images = 4
+  c.log_every = 1
+  c.eval_every = 3
+  c.checkpoint_every = 3
+  c.ema.every = 2
+  return c
+
+
+@pytest.fixture
+def tiny():
+  return tiny_config()

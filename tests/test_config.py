@@ -1,0 +1,99 @@
+"""Configs carry the paper's numbers, and bad configs fail in one sentence before compiling."""
+
+import os
+import time
+
+import jax
+import pytest
+
+from conftest import load_config
+from pivq_jax import config_lib
+from pivq_jax import trainer
+
+CONFIGS = ("faces", "celeba64", "celebahq", "ffhq")
+
+
+def _one_sentence(message: str) -> None:
+  assert "\n" not in message and message.endswith("."), message
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_configs_load_validate_and_build(name, arg):
+  c = load_config(name, arg)
+  config_lib.check_config(c, num_devices=1)
+  model = trainer.build_model(c)
+  r = c.data.resolution
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, r, r, 3),
+                                                                           "float32"))
+  assert shapes["params"]["quantizer"]["codebook"].shape == (c.quantizer.num_codes,
+                                                             c.model.emb_dim)
+
+
+def test_paper_hyperparameters():
+  hq, ffhq, c64 = (load_config(n) for n in ("celebahq", "ffhq", "celeba64"))
+  for c in (hq, ffhq):
+    assert (c.data.resolution, c.model.num_latents, c.quantizer.num_codes) == (256, 512, 4096)
+    assert (c.model.emb_dim, c.model.tfm_mlp_dim, c.model.tfm_layers) == (256, 1024, 4)
+    assert (c.batch_size, c.num_train_steps) == (4, 1_400_000)
+    assert (c.loss.disc_start_step, c.codebook_init.start_step) == (500_000, 60_000)
+    assert c.optim.learning_rate == pytest.approx(4.5e-6 * 4)
+    assert (c.ema.decay, c.ema.every) == (0.995, 10)
+  assert (c64.data.resolution, c64.model.emb_dim, c64.model.tfm_mlp_dim) == (64, 128, 512)
+  assert (c64.batch_size, c64.num_train_steps) == (16, 400_000)
+  assert (c64.loss.disc_start_step, c64.codebook_init.start_step) == (100_000, 25_000)
+  assert hq.data.name == "celebahq" and ffhq.data.name == "image_folder"
+  assert c64.data.name == "celeba"
+
+
+def test_unknown_config_argument():
+  with pytest.raises(ValueError, match="runlocal"):
+    load_config("faces", "huge")
+
+
+def _check(c, devices=1):
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.check_config(c, num_devices=devices)
+  _one_sentence(str(e.value))
+  return str(e.value)
+
+
+def test_l_greater_than_k_with_matching(tiny):
+  tiny.quantizer.assignment = "matching"
+  tiny.model.num_latents, tiny.quantizer.num_codes = 32, 16
+  assert "L <= K" in _check(tiny)
+  tiny.quantizer.assignment = "nearest"  # nearest may repeat codes: L > K is fine
+  config_lib.check_config(tiny, num_devices=1)
+
+
+def test_resolution_not_divisible_by_downsampling(tiny):
+  tiny.data.resolution = 50  # factor 4 for ch_mult (1, 2, 2)
+  assert "down-sampling factor 4" in _check(tiny)
+
+
+def test_batch_not_divisible_by_devices(tiny):
+  tiny.batch_size = 6
+  assert "divisible by the 4 devices" in _check(tiny, devices=4)
+
+
+@pytest.mark.parametrize("data, expected", [
+    (dict(name="imagenet"), "Unknown dataset name"),
+    (dict(name="image_folder", data_dir="/no/such/dir"), "does not exist"),
+    (dict(name="celeba", data_dir=None), "data_dir"),
+])
+def test_data_errors_come_before_compiling(tiny, tmp_path, data, expected):
+  tiny.data.update(data)
+  start = time.time()
+  with pytest.raises((ValueError, FileNotFoundError)) as e:
+    trainer.run(tiny, str(tmp_path / "w"))
+  assert expected in str(e.value)
+  _one_sentence(str(e.value))
+  assert time.time() - start < 5  # nothing compiled
+  assert not os.path.exists(tmp_path / "w" / "checkpoints")
+
+
+def test_config_errors_come_before_compiling_in_run(tiny, tmp_path):
+  tiny.data.resolution = 50
+  with pytest.raises(config_lib.ConfigError):
+    trainer.run(tiny, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")

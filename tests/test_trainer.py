@@ -1,0 +1,143 @@
+"""End-to-end training: outputs, exact resume, SIGKILL recovery, workdir identity."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from etils import epath
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import REPO
+from pivq_jax import config_lib
+from pivq_jax import trainer
+
+
+def _restore_params(workdir):
+  with ocp.CheckpointManager(epath.Path(workdir) / "checkpoints") as mngr:
+    step = mngr.latest_step()
+    return step, mngr.restore(step)["params"]
+
+
+def test_train_writes_checkpoints_events_and_grids(tiny, tmp_path):
+  workdir = str(tmp_path / "run")
+  results = trainer.run(tiny, workdir)
+  files = os.listdir(workdir)
+  assert any(f.startswith("events.out.tfevents") for f in files)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
+      "recon_00000003.png", "recon_00000006.png"]
+  for name in ("ema", "raw"):
+    assert np.isfinite(results[f"eval/{name}/psnr"])
+    assert 1 <= results[f"eval/{name}/distinct_codes_max"] <= tiny.model.num_latents
+    assert 1 <= results[f"eval/{name}/codebook_usage"] <= tiny.quantizer.num_codes
+  assert results["train/quantize"] == 1.0  # past T_q = 3
+
+
+def test_resume_equals_uninterrupted_run(tiny, tmp_path):
+  straight = trainer.run(tiny, str(tmp_path / "a"))
+  # Same seed, stopped at step 3 (the codebook-init step), then resumed to 6.
+  first = tiny.copy_and_resolve_references()
+  first.num_train_steps = 3
+  trainer.run(first, str(tmp_path / "b"))
+  resumed = trainer.run(tiny, str(tmp_path / "b"))
+  for k in ("train/loss", "train/l1", "train/vq_loss", "eval/ema/psnr", "eval/raw/l1"):
+    assert resumed[k] == pytest.approx(straight[k], rel=1e-5, abs=1e-7), k
+  step_a, params_a = _restore_params(tmp_path / "a")
+  step_b, params_b = _restore_params(tmp_path / "b")
+  assert step_a == step_b == 6
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               params_a, params_b)
+
+
+def test_rerun_of_a_finished_run_does_not_retrain(tiny, tmp_path):
+  trainer.run(tiny, str(tmp_path / "a"))
+  _, before = _restore_params(tmp_path / "a")
+  results = trainer.run(tiny, str(tmp_path / "a"))
+  _, after = _restore_params(tmp_path / "a")
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  assert "eval/ema/psnr" in results
+
+
+def test_workdir_with_another_config_is_refused(tiny, tmp_path):
+  trainer.run(tiny, str(tmp_path / "a"))
+  tiny.model.emb_dim = 64
+  with pytest.raises(config_lib.ConfigError, match="different config") as e:
+    trainer.run(tiny, str(tmp_path / "a"))
+  assert "\n" not in str(e.value)
+
+
+def test_eval_mode_needs_a_checkpoint(tiny, tmp_path):
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    trainer.run(tiny, str(tmp_path / "empty"), mode="eval")
+  trainer.run(tiny, str(tmp_path / "a"))
+  results = trainer.run(tiny, str(tmp_path / "a"), mode="eval")
+  saved = json.loads((tmp_path / "a" / "eval_00000006.json").read_text())
+  assert saved == pytest.approx(results)
+
+
+def _main_cmd(workdir, *overrides):
+  return [sys.executable, "-m", "pivq_jax.main", "--config=configs/faces.py",
+          f"--workdir={workdir}", "--config.data.resolution=32",
+          "--config.model.ch_mult=(1,2,2)", "--config.model.nf=32",
+          "--config.model.res_blocks=1", "--config.model.emb_dim=32",
+          "--config.model.num_latents=8", "--config.model.tfm_layers=1",
+          "--config.model.tfm_heads=2", "--config.model.tfm_mlp_dim=64",
+          "--config.quantizer.num_codes=16", "--config.batch_size=4",
+          "--config.codebook_init.start_step=5", "--config.codebook_init.num_batches=2",
+          "--config.eval.num_examples=8", "--config.eval.batch_size=4",
+          "--config.eval_every=1000", *overrides]
+
+
+def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      _main_cmd(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=4"),
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  ckpts = workdir / "checkpoints"
+  deadline = time.time() + 240
+  while time.time() < deadline:  # wait until at least two checkpoints are complete
+    done = [d for d in (os.listdir(ckpts) if ckpts.exists() else []) if d.isdigit()]
+    if len(done) >= 2:
+      break
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  with ocp.CheckpointManager(ckpts) as mngr:
+    last = mngr.latest_step()
+  assert last is not None and last >= 8
+  out = subprocess.run(
+      _main_cmd(workdir, f"--config.num_train_steps={last + 2}",
+                "--config.checkpoint_every=4"),
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert f"Resuming from checkpoint step {last}" in out.stderr
+  with ocp.CheckpointManager(ckpts) as mngr:
+    assert mngr.latest_step() == last + 2
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(
+      _main_cmd(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=1000",
+                "--config.log_every=1"),
+      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 240
+  events = None
+  while time.time() < deadline and events is None:  # wait for the first logged step
+    time.sleep(0.5)
+    if workdir.exists():
+      events = next((f for f in os.listdir(workdir) if f.startswith("events.")), None)
+  time.sleep(3)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+    assert mngr.latest_step() is not None and mngr.latest_step() > 0
