@@ -136,7 +136,8 @@ class Decoder(nn.Module):
     x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
     for level in reversed(range(len(self.ch_mult))):
       for _ in range(self.res_blocks):
-        x = ResBlock(self.nf * self.ch_mult[level], self.dtype, self.ut_unused_skip, self.norm_groups)(x)
+        x = ResBlock(self.nf * self.ch_mult[level], self.dtype, self.ut_unused_skip,
+                     self.norm_groups)(x)
         if res in self.attn_resolutions:
           x = AttnBlock(self.dtype, self.norm_groups)(x)
       if level != 0:
