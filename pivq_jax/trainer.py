@@ -7,6 +7,7 @@ and checkpoints -> the update step -> evaluation -> delayed codebook init -> the
 
 import functools
 import json
+import os
 import signal
 import time
 from typing import Any
@@ -274,6 +275,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   """Runs `mode` and returns its final metrics."""
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
+  if "://" not in workdir:  # orbax needs absolute paths; users type relative ones
+    workdir = os.path.abspath(workdir)
   # Everything a user can get wrong is checked here, before any compilation.
   config_lib.check_config(config, num_devices=jax.device_count())
   train_source = pipeline.make_source(config.data, "train")
@@ -340,17 +343,26 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   if start_step >= config.num_train_steps:
     logging.info("Run in %s is already complete at step %d.", workdir, start_step)
     return run_eval(start_step)
+
+  def maybe_init_codebook(state, step):
+    # Runs once `step` updates are done, so the state saved and evaluated at T_q already
+    # has the new codebook and quantizes from then on (the step's own test: step >= T_q).
+    if step not in init_steps:
+      return state
+    n = min(config.codebook_init.num_batches, max(step, 1))
+    history = batch_iter(start_step=max(step - n, 0))  # the batches of the last n steps
+    return init_codebook(state, [next(history) for _ in range(n)], model=model,
+                         config=config, sharding=data_sharding)
+
   logging.info("Training from step %d to %d.", start_step, config.num_train_steps)
   step = start_step
+  if step == 0:
+    state = maybe_init_codebook(state, 0)  # T_q = 0: quantize from the first step
   while step < config.num_train_steps:
-    if step in init_steps:
-      n = min(config.codebook_init.num_batches, max(step, 1))
-      history = batch_iter(start_step=max(step - n, 0))
-      state = init_codebook(state, [next(history) for _ in range(n)], model=model,
-                            config=config, sharding=data_sharding)
     state, metrics = step_fn(state, global_batch(next(batches), data_sharding))
     pending.append(metrics)
     step += 1
+    state = maybe_init_codebook(state, step)
     report(step)
     if step % config.log_every == 0 or step == config.num_train_steps:
       # One device->host transfer per log interval keeps the step loop asynchronous.

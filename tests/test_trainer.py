@@ -141,3 +141,10 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   assert proc.returncode == 0, err[-3000:]
   with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
     assert mngr.latest_step() is not None and mngr.latest_step() > 0
+
+
+def test_relative_workdir(tiny, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  tiny.num_train_steps = 3
+  trainer.run(tiny, "relative/run")
+  assert (tmp_path / "relative" / "run" / "checkpoints" / "3").is_dir()
