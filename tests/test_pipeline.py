@@ -54,8 +54,12 @@ def test_processes_split_the_global_batch():
 
 def test_eval_batches_round_to_whole_global_batches():
   batches = pipeline.eval_batches(_Range(30), num_examples=27, batch_size=4)
-  assert [b["index"].tolist() for b in batches] == [list(range(i, i + 4))
-                                                    for i in range(0, 24, 4)]
+  indices = [b["index"].tolist() for b in batches]
+  assert [len(b) for b in indices] == [4] * 6
+  flat = sum(indices, [])
+  assert len(set(flat)) == 24 and flat != sorted(flat)  # a spread-out subset
+  again = pipeline.eval_batches(_Range(30), num_examples=27, batch_size=4)
+  assert [b["index"].tolist() for b in again] == indices  # the same every time
   with pytest.raises(ValueError, match="fewer than one global eval batch"):
     pipeline.eval_batches(_Range(3), num_examples=3, batch_size=4)
 

@@ -96,7 +96,11 @@ def train_batches(source, *, local_batch: int, seed: int, start_step: int = 0,
 
 def eval_batches(source, *, num_examples: int, batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
-  """The first `num_examples` examples of a (held-out) source, in fixed order, batched.
+  """A fixed random subset of `num_examples` examples of a (held-out) source, batched.
+
+  The subset is a fixed shuffle (seed 0, whatever the run's seed) so that every run and
+  every eval sees the same examples, spread over the whole split rather than its first
+  indices (which, for the faces, would all share their leading factors).
 
   The count is rounded down to a whole number of global batches so every device gets the
   same shapes (no recompiles, no padding logic).
@@ -106,6 +110,6 @@ def eval_batches(source, *, num_examples: int, batch_size: int, process_index: i
   if n == 0:
     raise ValueError(f"The eval split has {len(source)} examples, fewer than one global eval "
                      f"batch of {batch_size * process_count}; lower --config.eval.batch_size.")
-  ds = grain.MapDataset.source(source)[:n][process_index::process_count]
+  ds = grain.MapDataset.source(source).shuffle(seed=0)[:n][process_index::process_count]
   ds = ds.batch(batch_size, drop_remainder=True)
   return list(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
