@@ -31,7 +31,12 @@ def get_config(arg: str | None = None):
   c.model.tfm_heads = 4
   c.model.tfm_mlp_dim = 256
 
-  c.quantizer.assignment = "nearest"
+  # Matching (the paper's method): every image uses L=32 distinct codes. Measured here,
+  # nearest collapsed to 1 distinct code per image and 6 codes overall (16.3 dB held-out
+  # PSNR) where matching kept 32 per image and ~200 overall (~20 dB). The exact host
+  # Hungarian costs ~1 ms per batch at 32x256.
+  c.quantizer.assignment = "matching"
+  c.quantizer.solver = "hungarian"
   c.quantizer.num_codes = 256
 
   # ~5.5 steps/s on 2 cores: 2600 steps + start-up + evals fit in 10 minutes.

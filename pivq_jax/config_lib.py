@@ -138,6 +138,12 @@ def check_config(config, *, num_devices: int) -> None:
     if ch % m.norm_groups:
       raise ConfigError(f"Trunk width {name}={ch} is not a multiple of model.norm_groups="
                         f"{m.norm_groups}, which GroupNorm needs; change model.nf.")
+  ci = config.codebook_init
+  points = ci.num_batches * config.batch_size * m.num_latents
+  if points < q.num_codes:
+    raise ConfigError(f"The codebook k-means sees codebook_init.num_batches x batch_size x L"
+                      f" = {points} latents, fewer than the K={q.num_codes} codes; raise "
+                      "codebook_init.num_batches.")
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")
 

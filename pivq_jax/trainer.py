@@ -28,6 +28,7 @@ from ott.tools import k_means
 from pivq_jax import config_lib
 from pivq_jax import visualize
 from pivq_jax.data import pipeline
+from pivq_jax.evaluation import capacity
 from pivq_jax.models import autoencoder
 from pivq_jax.quantizers import vq
 
@@ -193,7 +194,7 @@ def eval_step(params, batch, quantize, *, model):
   }, x_hat
 
 
-def evaluate(eval_fn, params, eval_data, quantize, sharding) -> tuple[dict, np.ndarray]:
+def evaluate(eval_fn, params, eval_data, quantize, sharding, num_latents):
   per_image, usage, first_recon = {}, None, None
   for batch in eval_data:
     out, x_hat = eval_fn(params, global_batch(batch, sharding), quantize)
@@ -205,19 +206,53 @@ def evaluate(eval_fn, params, eval_data, quantize, sharding) -> tuple[dict, np.n
       per_image.setdefault(k, []).append(np.asarray(v))
   per_image = {k: np.concatenate(v) for k, v in per_image.items()}
   k_img = per_image["distinct_codes"]
+  k_data, length = int(usage.sum()), num_latents
   metrics = {
       "l1": float(per_image["l1"].mean()),
       "psnr": float(per_image["psnr"].mean()),
       "distinct_codes_mean": float(k_img.mean()),
       "distinct_codes_max": int(k_img.max()),  # K_img in the paper's capacity formulas
-      "codebook_usage": int(usage.sum()),  # K_data over the eval set
+      "codebook_usage": k_data,  # K_data over the eval set
+      # Supplemental eqs. 5 and 8 with the measured K_img and K_data.
+      "capacity_bits_nearest": float(capacity.nearest_capacity_bits(
+          k_data, int(k_img.max()), length)),
+      "capacity_bits_matching": float(capacity.matching_capacity_bits(k_data, length))
+                                if k_data >= length else 0.0,
   }
-  return metrics, first_recon
+  return metrics, first_recon, k_img
 
 
 def recon_grid(batch, recon, n) -> np.ndarray:
   originals = np.asarray(batch["image"][:n], np.uint8)
   return visualize.grid([originals, visualize.to_uint8(recon[:n])])
+
+
+# ----------------------------------------------------------------------------------------
+# Matching validation: the configured solver against the exact host Hungarian.
+# ----------------------------------------------------------------------------------------
+def matching_check(params, batch, *, model, exact_model):
+  """Assignments of the configured solver and of exact Hungarian on the same latents."""
+  x = _images(batch)
+  z_e = model.apply({"params": params}, x, method="encode")
+  fast = model.apply({"params": params}, z_e, method=lambda m, z: m.quantizer.assign(z))
+  exact = exact_model.apply({"params": params}, z_e,
+                            method=lambda m, z: m.quantizer.assign(z))
+  codebook = params["quantizer"]["codebook"]
+  cost = lambda idx: jnp.sum(jnp.linalg.norm(z_e - codebook[idx], axis=-1), axis=-1)
+  return fast, cost(fast), cost(exact)
+
+
+def validate_matching(check_fn, params, batch, num_codes) -> dict[str, float]:
+  fast, fast_cost, exact_cost = jax.device_get(check_fn(params, batch))
+  valid = np.mean([len(set(row.tolist())) == len(row) and row.min() >= 0
+                   and row.max() < num_codes for row in np.asarray(fast)])
+  gap = float(np.max((fast_cost - exact_cost) / np.maximum(np.abs(exact_cost), 1e-30)))
+  if valid < 1.0:
+    raise RuntimeError(f"The matching solver returned a code set with repeated or "
+                       f"out-of-range codes for {100 * (1 - valid):.1f}% of a batch; this "
+                       "is a solver bug, so the run was stopped (use "
+                       "--config.quantizer.solver=hungarian meanwhile).")
+  return {"matching/valid_fraction": float(valid), "matching/optimality_gap": gap}
 
 
 # ----------------------------------------------------------------------------------------
@@ -307,12 +342,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     quantize = jnp.asarray(step >= config.codebook_init.start_step)
     results = {}
     for name, params in (("ema", state.ema_params), ("raw", state.params)):
-      metrics, recon = evaluate(eval_fn, params, eval_data, quantize, data_sharding)
+      metrics, recon, k_img = evaluate(eval_fn, params, eval_data, quantize, data_sharding,
+                                       config.model.num_latents)
       results.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
+      writer.write_histograms(step, {f"eval/{name}/distinct_codes": k_img})
       if name == "ema":
+        images = epath.Path(workdir) / "images"
         image = recon_grid(eval_data[0], recon, config.eval.grid_images)
-        visualize.save_png(epath.Path(workdir) / "images" / f"recon_{step:08d}.png", image)
-        writer.write_images(step, {"eval/recon_ema": image[None]})
+        visualize.save_png(images / f"recon_{step:08d}.png", image)
+        # Fig. 4 of the paper, with this run's measured (K_data, bits) marked.
+        bits = metrics[f"capacity_bits_{config.quantizer.assignment}"]
+        plot = capacity.plot_capacity(
+            images / f"capacity_{step:08d}.png", length=config.model.num_latents,
+            k_img=metrics["distinct_codes_max"],
+            k_max=max(4 * config.quantizer.num_codes, 2 * config.model.num_latents),
+            k_data_used={f"this run ({config.quantizer.assignment})":
+                         (max(metrics["codebook_usage"], 1), bits)})
+        writer.write_images(step, {"eval/recon_ema": image[None], "eval/capacity": plot[None]})
     writer.write_scalars(step, results)
     writer.flush()
     return results
@@ -330,6 +376,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
                     in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
                     donate_argnums=0)
+  if config.quantizer.assignment == "matching" and config.quantizer.validate_every:
+    exact = config.copy_and_resolve_references()
+    exact.quantizer.solver = "hungarian"
+    check_fn = jax.jit(functools.partial(matching_check, model=model,
+                                         exact_model=build_model(exact)))
   batch_iter = functools.partial(
       pipeline.train_batches, train_source, local_batch=config.batch_size // pcount,
       seed=config.seed, process_index=pidx, process_count=pcount,
@@ -359,7 +410,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   if step == 0:
     state = maybe_init_codebook(state, 0)  # T_q = 0: quantize from the first step
   while step < config.num_train_steps:
-    state, metrics = step_fn(state, global_batch(next(batches), data_sharding))
+    batch = global_batch(next(batches), data_sharding)
+    if (config.quantizer.assignment == "matching" and config.quantizer.validate_every
+        and step >= config.codebook_init.start_step
+        and step % config.quantizer.validate_every == 0):
+      # Same params and batch the step is about to use.
+      check = validate_matching(check_fn, state.params, batch, config.quantizer.num_codes)
+      writer.write_scalars(step, check)
+    state, metrics = step_fn(state, batch)
     pending.append(metrics)
     step += 1
     state = maybe_init_codebook(state, step)

@@ -31,11 +31,13 @@ def test_train_writes_checkpoints_events_and_grids(tiny, tmp_path):
   assert any(f.startswith("events.out.tfevents") for f in files)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
   assert sorted(os.listdir(os.path.join(workdir, "images"))) == [
-      "recon_00000003.png", "recon_00000006.png"]
+      "capacity_00000003.png", "capacity_00000006.png", "recon_00000003.png",
+      "recon_00000006.png"]
   for name in ("ema", "raw"):
     assert np.isfinite(results[f"eval/{name}/psnr"])
     assert 1 <= results[f"eval/{name}/distinct_codes_max"] <= tiny.model.num_latents
     assert 1 <= results[f"eval/{name}/codebook_usage"] <= tiny.quantizer.num_codes
+    assert results[f"eval/{name}/capacity_bits_nearest"] > 0
   assert results["train/quantize"] == 1.0  # past T_q = 3
 
 
@@ -148,3 +150,61 @@ def test_relative_workdir(tiny, tmp_path, monkeypatch):
   tiny.num_train_steps = 3
   trainer.run(tiny, "relative/run")
   assert (tmp_path / "relative" / "run" / "checkpoints" / "3").is_dir()
+
+
+def test_codebook_init_fits_the_encoder_latents(tiny):
+  from pivq_jax.data import pipeline
+  from pivq_jax.quantizers import vq
+  mesh = trainer.make_mesh(tiny)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  model, tx = trainer.build_model(tiny), trainer.build_optimizer(tiny)
+  state, _ = trainer.create_train_state(model, tx, tiny, mesh)
+  source = pipeline.make_source(tiny.data, "train")
+  batches = [next(pipeline.train_batches(source, local_batch=4, seed=0, start_step=s))
+             for s in range(2)]
+  latents = np.concatenate([
+      model.apply({"params": state.params}, b["image"] / 255.0, method="encode")
+      .reshape(-1, tiny.model.emb_dim) for b in batches])
+
+  def distortion(codebook):
+    d2 = vq.squared_distances(latents[None], codebook)[0]
+    return float(np.mean(np.min(d2, axis=-1)))
+
+  before = distortion(state.params["quantizer"]["codebook"])
+  new = trainer.init_codebook(state, batches, model=model, config=tiny, sharding=sharding)
+  codebook = np.asarray(new.params["quantizer"]["codebook"])
+  assert distortion(codebook) < 0.5 * before
+  np.testing.assert_array_equal(codebook, new.ema_params["quantizer"]["codebook"])
+  # Centroids are means of latents, so they lie inside the latents' bounding box.
+  assert np.all(codebook >= latents.min(0) - 1e-5)
+  assert np.all(codebook <= latents.max(0) + 1e-5)
+  # Everything but the codebook is untouched.
+  enc = lambda s: s.params["encoder_trunk"]
+  jax.tree.map(np.testing.assert_array_equal, enc(state), enc(new))
+
+
+def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path):
+  tiny.quantizer.assignment = "matching"
+  tiny.quantizer.validate_every = 2
+  results = trainer.run(tiny, str(tmp_path / "m"))
+  # Every image uses exactly L distinct codes once quantization is on.
+  assert results["eval/ema/distinct_codes_max"] == tiny.model.num_latents
+  assert results["eval/ema/distinct_codes_mean"] == tiny.model.num_latents
+
+
+def test_invalid_assignment_stops_with_a_clear_message():
+  def fake_check(params, batch):
+    del params, batch
+    return (np.array([[0, 1, 2], [3, 3, 4]]), np.array([1.0, 2.0]), np.array([1.0, 2.0]))
+
+  with pytest.raises(RuntimeError, match="repeated or out-of-range codes for 50.0%") as e:
+    trainer.validate_matching(fake_check, None, None, num_codes=8)
+  assert "\n" not in str(e.value)
+
+  def good_check(params, batch):
+    del params, batch
+    return (np.array([[0, 1, 2]]), np.array([1.1]), np.array([1.0]))
+
+  out = trainer.validate_matching(good_check, None, None, num_codes=8)
+  assert out["matching/valid_fraction"] == 1.0
+  assert out["matching/optimality_gap"] == pytest.approx(0.1)
