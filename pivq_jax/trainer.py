@@ -312,6 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
   if "://" not in workdir:  # orbax needs absolute paths; users type relative ones
     workdir = os.path.abspath(workdir)
+  preemption = _Preemption()  # first: a SIGTERM during set-up or compiling still saves
   # Everything a user can get wrong is checked here, before any compilation.
   config_lib.check_config(config, num_devices=jax.device_count())
   train_source = pipeline.make_source(config.data, "train")
@@ -389,7 +390,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   init_steps = {config.codebook_init.start_step, *config.codebook_init.reinit_steps}
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            writer=writer)
-  preemption = _Preemption()
   pending, results = [], {}
   if start_step >= config.num_train_steps:
     logging.info("Run in %s is already complete at step %d.", workdir, start_step)
