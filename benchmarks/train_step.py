@@ -35,10 +35,8 @@ def time_variant(config, batch, steps, *, quantized: bool):
   mesh = trainer.make_mesh(config)
   model, tx = trainer.build_model(config), trainer.build_optimizer(config)
   state, _ = trainer.create_train_state(model, tx, config, mesh)
-  if quantized:  # jump past T_q so the quantizer is on
-    state = state.replace(step=state.step + config.codebook_init.start_step)
-  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, config=config),
-                 donate_argnums=0)
+  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, config=config,
+                                   quantize=quantized), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))

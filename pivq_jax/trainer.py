@@ -147,13 +147,23 @@ def check_workdir_config(workdir, config) -> None:
 # ----------------------------------------------------------------------------------------
 # The update step: L1 reconstruction + quantizer loss, Adam, EMA every `ema.every` steps.
 # ----------------------------------------------------------------------------------------
-def train_step(state: TrainState, batch, *, model, tx, config):
+def _code_stats(aux, batch_size, num_codes):
+  """Quantizer outputs, or zeros while the quantizer is off (before T_q)."""
+  if aux is None:
+    zero = jnp.zeros((), jnp.float32)
+    return {"loss": zero, "commit_loss": zero,
+            "distinct_codes": jnp.zeros((batch_size,), jnp.int32),
+            "presence": jnp.zeros((batch_size, num_codes), bool)}
+  return aux
+
+
+def train_step(state: TrainState, batch, *, model, tx, config, quantize: bool):
+  """One update. `quantize` (static) is False before T_q: delayed quantization, §3.7."""
   x = _images(batch)
-  # Delayed quantization (paper §3.7): latents bypass the quantizer before T_q.
-  quantize = state.step >= config.codebook_init.start_step
 
   def loss_fn(params):
     x_hat, aux = model.apply({"params": params}, x, quantize=quantize)
+    aux = _code_stats(aux, x.shape[0], config.quantizer.num_codes)
     l1 = jnp.mean(jnp.abs(x - x_hat))
     loss = config.loss.l1_weight * l1 + aux["loss"]
     return loss, (x_hat, aux, l1)
@@ -172,7 +182,7 @@ def train_step(state: TrainState, batch, *, model, tx, config):
       "distinct_codes_mean": jnp.mean(aux["distinct_codes"].astype(jnp.float32)),
       "distinct_codes_max": jnp.max(aux["distinct_codes"]),
       "batch_codebook_usage": jnp.sum(jnp.any(aux["presence"], axis=0)),
-      "grad_norm": optax.tree.norm(grads), "quantize": quantize.astype(jnp.float32),
+      "grad_norm": optax.tree.norm(grads), "quantize": jnp.float32(quantize),
   }
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state)
@@ -182,9 +192,10 @@ def train_step(state: TrainState, batch, *, model, tx, config):
 # ----------------------------------------------------------------------------------------
 # Evaluation on the held-out split: L1, PSNR, distinct codes per image, codebook usage.
 # ----------------------------------------------------------------------------------------
-def eval_step(params, batch, quantize, *, model):
+def eval_step(params, batch, *, model, quantize: bool):
   x = _images(batch)
   x_hat, aux = model.apply({"params": params}, x, quantize=quantize)
+  aux = _code_stats(aux, x.shape[0], model.quantizer.num_codes)
   mse = jnp.mean(jnp.square(jnp.clip(x_hat, 0, 1) - x), axis=(1, 2, 3))
   return {
       "l1": jnp.mean(jnp.abs(x - x_hat), axis=(1, 2, 3)),
@@ -197,7 +208,7 @@ def eval_step(params, batch, quantize, *, model):
 def evaluate(eval_fn, params, eval_data, quantize, sharding, num_latents):
   per_image, usage, first_recon = {}, None, None
   for batch in eval_data:
-    out, x_hat = eval_fn(params, global_batch(batch, sharding), quantize)
+    out, x_hat = eval_fn(params, global_batch(batch, sharding), quantize=quantize)
     out = jax.device_get(out)
     if first_recon is None:
       first_recon = np.asarray(jax.device_get(x_hat))
@@ -213,11 +224,11 @@ def evaluate(eval_fn, params, eval_data, quantize, sharding, num_latents):
       "distinct_codes_mean": float(k_img.mean()),
       "distinct_codes_max": int(k_img.max()),  # K_img in the paper's capacity formulas
       "codebook_usage": k_data,  # K_data over the eval set
-      # Supplemental eqs. 5 and 8 with the measured K_img and K_data.
+      # Supplemental eqs. 5 and 8 with the measured K_img and K_data (0: quantizer off).
       "capacity_bits_nearest": float(capacity.nearest_capacity_bits(
-          k_data, int(k_img.max()), length)),
+          k_data, int(k_img.max()), length)) if quantize else 0.0,
       "capacity_bits_matching": float(capacity.matching_capacity_bits(k_data, length))
-                                if k_data >= length else 0.0,
+                                if quantize and k_data >= length else 0.0,
   }
   return metrics, first_recon, k_img
 
@@ -337,10 +348,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   state = restore_or_keep(mngr, state, shardings)
   start_step = int(state.step)
 
-  eval_fn = jax.jit(functools.partial(eval_step, model=model))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model), static_argnames="quantize")
 
   def run_eval(step):
-    quantize = jnp.asarray(step >= config.codebook_init.start_step)
+    quantize = step >= config.codebook_init.start_step
     results = {}
     for name, params in (("ema", state.ema_params), ("raw", state.params)):
       metrics, recon, k_img = evaluate(eval_fn, params, eval_data, quantize, data_sharding,
@@ -351,6 +362,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
         images = epath.Path(workdir) / "images"
         image = recon_grid(eval_data[0], recon, config.eval.grid_images)
         visualize.save_png(images / f"recon_{step:08d}.png", image)
+        writer.write_images(step, {"eval/recon_ema": image[None]})
+      if name == "ema" and quantize:
         # Fig. 4 of the paper, with this run's measured (K_data, bits) marked.
         bits = metrics[f"capacity_bits_{config.quantizer.assignment}"]
         plot = capacity.plot_capacity(
@@ -359,7 +372,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
             k_max=max(4 * config.quantizer.num_codes, 2 * config.model.num_latents),
             k_data_used={f"this run ({config.quantizer.assignment})":
                          (max(metrics["codebook_usage"], 1), bits)})
-        writer.write_images(step, {"eval/recon_ema": image[None], "eval/capacity": plot[None]})
+        writer.write_images(step, {"eval/capacity": plot[None]})
     writer.write_scalars(step, results)
     writer.flush()
     return results
@@ -374,9 +387,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     return results
 
   # ---- training loop ----------------------------------------------------------------
-  step_fn = jax.jit(functools.partial(train_step, model=model, tx=tx, config=config),
-                    in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
-                    donate_argnums=0)
+  # Two compiled variants: before T_q without the quantizer, from T_q with it.
+  step_fns = {q: jax.jit(functools.partial(train_step, model=model, tx=tx, config=config,
+                                           quantize=q),
+                         in_shardings=(shardings, data_sharding),
+                         out_shardings=(shardings, None), donate_argnums=0)
+              for q in (False, True)}
   if config.quantizer.assignment == "matching" and config.quantizer.validate_every:
     exact = config.copy_and_resolve_references()
     exact.quantizer.solver = "hungarian"
@@ -417,7 +433,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       # Same params and batch the step is about to use.
       check = validate_matching(check_fn, state.params, batch, config.quantizer.num_codes)
       writer.write_scalars(step, check)
-    state, metrics = step_fn(state, batch)
+    state, metrics = step_fns[step >= config.codebook_init.start_step](state, batch)
     pending.append(metrics)
     step += 1
     state = maybe_init_codebook(state, step)

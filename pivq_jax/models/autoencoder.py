@@ -109,12 +109,15 @@ class PIVQAutoencoder(nn.Module):
     """x -> int32[B, L] code indices (the image's code set)."""
     return self.quantizer.assign(self.encode(x))
 
-  def __call__(self, x, *, quantize=True):
-    """Reconstruct x. `quantize` may be a traced bool: before the delayed codebook
-    initialisation (paper §3.7) the latents go to the decoder unquantized."""
+  def __call__(self, x, *, quantize: bool = True):
+    """Reconstruct x -> (x_hat, quantizer aux dict, or None when not quantizing).
+
+    `quantize` is a Python bool (static under jit). Before the delayed codebook
+    initialisation (paper §3.7) the latents go to the decoder unquantized and the quantizer
+    is skipped entirely: its assignment (under matching, a Hungarian solve) would be wasted.
+    """
     z_e = self.encode(x)
+    if not quantize:
+      return self.decode(z_e), None
     z_q, aux = self.quantize(z_e)
-    quantize = jnp.asarray(quantize)
-    z = jnp.where(quantize, z_q, z_e)
-    aux["loss"] = jnp.where(quantize, aux["loss"], 0.0)
-    return self.decode(z), aux
+    return self.decode(z_q), aux
