@@ -368,7 +368,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
         bits = metrics[f"capacity_bits_{config.quantizer.assignment}"]
         plot = capacity.plot_capacity(
             images / f"capacity_{step:08d}.png", length=config.model.num_latents,
-            k_img=metrics["distinct_codes_max"],
+            # The nearest curve needs a nearest run's measured K_img.
+            k_img=(metrics["distinct_codes_max"]
+                   if config.quantizer.assignment == "nearest" else None),
             k_max=max(4 * config.quantizer.num_codes, 2 * config.model.num_latents),
             k_data_used={f"this run ({config.quantizer.assignment})":
                          (max(metrics["codebook_usage"], 1), bits)})

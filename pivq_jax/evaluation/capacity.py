@@ -50,10 +50,11 @@ def standard_vq_bits(k, length):
   return np.asarray(length, np.float64) * np.log2(k)
 
 
-def plot_capacity(path, *, length: int = 512, k_img: int = 49, k_max: int = 8192,
+def plot_capacity(path, *, length: int = 512, k_img: int | None = 49, k_max: int = 8192,
                   k_data_used=None):
   """A PNG like the paper's Fig. 4: capacity (bits) against codebook size K for standard
-  (positional) VQ, PI-VQ with nearest assignment (K_img fixed) and PI-VQ with matching.
+  (positional) VQ, PI-VQ with nearest assignment (K_img fixed; omitted when None) and PI-VQ
+  with matching.
   `k_data_used`: optionally mark measured (K_data, bits) points, a dict name -> (K, bits).
   Returns the image as uint8[H, W, 3] (for TensorBoard)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (slow import)
@@ -61,8 +62,9 @@ def plot_capacity(path, *, length: int = 512, k_img: int = 49, k_max: int = 8192
   ks = np.unique(np.geomspace(length, k_max, 200).astype(int))
   fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
   ax.plot(ks, standard_vq_bits(ks, length), label=f"standard VQ, L={length} positions")
-  ax.plot(ks, nearest_capacity_bits(ks, min(k_img, length), length),
-          label=f"PI-VQ nearest (K_img={k_img})")
+  if k_img:
+    ax.plot(ks, nearest_capacity_bits(ks, min(k_img, length), length),
+            label=f"PI-VQ nearest (K_img={k_img})")
   ax.plot(ks, matching_capacity_bits(ks, length), label="PI-VQ matching")
   for name, (k, bits) in (k_data_used or {}).items():
     ax.scatter([k], [bits], zorder=3, label=name)
