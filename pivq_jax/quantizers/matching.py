@@ -4,65 +4,81 @@ For each image the L latents are assigned to L *distinct* codes minimising the t
 sum_l ||z_l - e_pi(l)|| (a rectangular L x K linear assignment problem, L <= K).
 
 Solvers (`assign(cost, solver=...)`):
-  - "auction" (default): on-device, pure JAX; an epsilon-scaling forward/reverse auction for
-    the asymmetric problem (Bertsekas 1988; Bertsekas & Castanon 1992). Jit-, vmap- and
-    sharding-friendly (batched ops and `lax.while_loop`, no host round trips).
-  - "hungarian": exact, scipy's `linear_sum_assignment` on the host through
-    `jax.pure_callback`; usable under jit and vmap. It is the ground truth.
-  - "sinkhorn": the peer baseline, ott-jax entropic OT followed by a greedy one-to-one
-    repair. Valid but not optimal.
+  - "auction" (default): on device, pure JAX; an eps-scaling forward/reverse auction for
+    the asymmetric problem (Bertsekas 1988; Bertsekas & Castanon 1993). Batched ops and
+    `lax.while_loop` only, so it runs under jit, vmap and batch sharding.
+  - "hungarian": exact, scipy's `linear_sum_assignment` on the host via
+    `jax.pure_callback`; usable under jit and vmap. The ground truth.
+  - "sinkhorn": the peer baseline, ott-jax entropic OT + greedy one-to-one repair. Valid
+    (one-to-one) but not optimal.
 
-Auction algorithm (per image; all images run in lock step)
-----------------------------------------------------------
-Persons are the L latents, objects the K codes, benefit a_ij = -cost_ij.
+Auction (per image; the images of a batch run in lock step)
+------------------------------------------------------------
+Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
 1. Pruning. Some optimal assignment puts every latent on one of its own L nearest codes: a
    latent sitting elsewhere has one of its L nearest free (only L-1 other latents exist)
-   and moving there does not raise the cost. So each latent keeps only its top-L codes
-   (candidate lists [L, L]); objects keep their global code ids. Each candidate list is
-   shifted so its best benefit is 0 (this changes every assignment's total by the same
-   amount) and the image's benefits are divided by S, the largest spread of a candidate
-   list, so benefits lie in [-1, 0] whatever the cost scale.
-2. Forward auction (Jacobi): every unassigned latent bids for its best code at current
-   prices, raising the price by (best - second best profit) + eps; each code goes to its
-   highest bidder, displacing the previous holder. A code, once held, stays held.
-   Invariant (eps-complementary slackness, eps-CS): every holder's profit is within eps of
-   its best profit. One-to-one holds by construction: a code has at most one holder.
+   and moving there does not raise the cost. So latent i only bids among its C nearest
+   codes, C = L being always safe. Cheaper lists are tried first (C in LADDER, e.g. 32):
+   their result is accepted only with a certificate, eps-complementary slackness checked
+   against all K codes at the final prices, which makes it eps-optimal for the full
+   problem; otherwise (or when a cheap precheck or a price blow-up shows the short lists
+   cannot hold a one-to-one matching) the next size is tried, ending at C = L, warm-
+   started from the previous level's prices and assignment (images already certified then
+   need no rounds; any prices and eps-CS partial assignment are a valid auction start).
+   Each list is shifted so its best benefit is 0 (every assignment's total moves by the
+   same amount) and the image's benefits are divided by S, the largest spread of a list,
+   so benefits lie in [-1, 0] whatever the cost scale (1e-6 and 1e6 behave the same).
+2. Forward auction, Jacobi form: unassigned latents (up to BUFFER per round; any subset
+   may bid, and a round then costs O(BUFFER * C), not O(L * K)) bid for their best code
+   at current prices, raising it by (best - second best profit) + eps; each code goes to
+   its highest bidder and its previous holder becomes unassigned. Invariant (eps-CS):
+   every holder's profit is within eps of its best. One-to-one holds by construction: a
+   code has at most one holder.
 3. The asymmetric trap. With L < K, eps-CS is not enough: optimality also needs every
-   *unheld* code to be priced no higher than every held one (Bertsekas' lambda condition).
-   eps-scaling keeps prices between phases, so a code held in an earlier phase can end
-   unheld with a stale high price, and the result is then suboptimal (a restart-per-phase
-   auction measured 3-14% gaps at L < K). Fix: after the forward auction, with
-   lambda = min held price, run reverse-auction iterations on unheld codes priced above
-   lambda: such a code either drops its price to lambda (when no latent would gain more than
-   eps from it), or takes its best latent at price max(lambda, second best - eps), freeing
-   that latent's old code. Each take raises a latent's profit by >= eps, so this ends;
-   eps-CS is kept and all latents stay assigned. At the end the lambda condition holds.
-4. eps-scaling: eps runs from 1/4 down to EPS_FINAL = 2^-22 (x1/8 per phase). Between
-   phases assignments are kept and only latents violating the new eps-CS are evicted
-   (restarting from scratch every phase makes identical latents re-fight their price war
-   each phase). Prices are shifted so lambda = 0 after each phase, and unheld codes are
-   raised to lambda (harmless: raising an unheld price never breaks eps-CS).
+   *unheld* code priced no higher than every held one (the lambda condition). eps-scaling
+   carries prices across phases, so a code can end unheld with a stale high price and the
+   result is then suboptimal (a feasibility probe that restarted each phase with kept
+   prices measured 3-14% gaps). So after every forward pass, with lambda = min held
+   price, reverse iterations run on the unheld codes priced above lambda (up to
+   REVERSE_BUFFER per round): such a code either drops to lambda (no latent would gain
+   more than eps from it) or takes its best latent at price max(lambda, second best -
+   eps), freeing that latent's old code. Each take raises a latent's profit by >= eps, so
+   this ends; eps-CS is kept and every latent stays assigned. Afterwards prices are
+   shifted so lambda = 0 and unheld codes sit at 0 (raising an unheld price never breaks
+   eps-CS), so the lambda condition holds exactly.
+4. eps-scaling: eps = EPS_START, /EPS_FACTOR per phase, down to EPS_FINAL. Assignments
+   are kept between phases and only latents violating the new eps-CS give their codes up.
+   This keeps identical latents (collapsed encoders) from refighting their price war from
+   scratch in every phase.
 
 Optimality bound
 ----------------
-eps-CS plus the lambda condition give an assignment within L * eps of the optimum
-(Bertsekas' asymmetric assignment theorem). In cost units:
-    total_cost(auction) - optimum <= L * EPS_FINAL * S,   S = max candidate-list spread,
-i.e. at most S * L * 2^-22 (S * 1.2e-4 at L = 512; relative to the optimal total of L
-latents this is 2^-22 S / mean matched cost, ~2.4e-7 for the spreads seen in practice).
-Integer costs on a grid of step delta are solved exactly when L * EPS_FINAL * S < delta.
-EPS_FINAL cannot go much lower: prices live in float32 on a [0, ~1] scale, where one ulp
-is 2^-23..2^-24; a bid always moves a price by at least one ulp (nextafter), so every round
-makes progress and the loops end.
+eps-CS plus the lambda condition make the assignment optimal within L * eps (Bertsekas'
+asymmetric assignment theorem; benefits here are in units of S). Float32 rounding of the
+profits (a few ulps of 1, below EPS_FINAL = 2^-22) at most doubles the slack, and the
+certificate for short lists accepts slack up to 2 * EPS_FINAL, so in cost units:
+    total_cost(auction) - optimum <= 2 * L * EPS_FINAL * S = L * 2^-21 * S,
+S = the largest spread (C-th nearest minus nearest distance) of a latent's candidates,
+returned per image as info["gap_bound"] by `auction_solve`. That is 2^-21 * S per latent:
+a relative gap of at most ~5e-7 * S / (mean matched cost), the float32 resolution of
+the costs themselves (measured gaps are 0 to ~1e-8). "Optimal" means exactly this;
+costs on an integer grid of step delta are solved exactly whenever L * 2^-21 * S < delta.
+EPS_FINAL cannot go much lower: prices live in float32 on a [0, ~1] scale where one ulp
+is 2^-24..2^-23; every bid moves a price by at least one ulp (nextafter), so every round
+makes progress.
+
+Measured (one-off, collapsed 512 x 4096 instances on CPU): warm-starting prices from
+ott-jax Sinkhorn duals (eps 0.05..0.002) did not pay: rounds stayed within -25%..+75% of
+a cold start, and the Sinkhorn solve alone cost about as much as the whole auction.
 
 Non-finite costs
 ----------------
 A NaN/Inf cost means the model has diverged. Every solver raises ValueError("Matching cost
 contains NaN or Inf ..."): eagerly when the cost is concrete; under jit/vmap through a
-`jax.debug.callback` on one boolean per call (the error surfaces as a runtime error
-carrying the same message when the result is used). As a second line of defence the
-auction returns -1 for every latent of an image whose costs are not finite (the auction
-itself runs on sanitised costs, so it always terminates).
+`jax.debug.callback` on one boolean (the error surfaces, with that message, as a runtime
+error when the result is used). As a second line of defence the auction returns -1 for
+every latent of an image whose costs are not finite (it runs on sanitised costs, so it
+always terminates).
 """
 
 import functools
@@ -73,11 +89,17 @@ import numpy as np
 import scipy.optimize
 
 SOLVERS = ("auction", "hungarian", "sinkhorn")
-OPTS = dict(restart=True, rev_every=False, spread=True)
 
-EPS_START = 0.25  # in units of the image's candidate spread S (benefits lie in [-1, 0])
+# eps schedule, in units of the image's candidate spread S (benefits lie in [-1, 0]).
+EPS_START = 2.0 ** -6
+EPS_FACTOR = 16.0
 EPS_FINAL = 2.0 ** -22
-EPS_FACTOR = 8.0
+# Candidate-list sizes tried before the always-safe C = L (see `auction_solve`).
+LADDER = (32, 128)
+BUFFER = 32  # unassigned latents bidding per forward round (at most)
+REVERSE_BUFFER = 8  # overpriced unheld codes handled per reverse round (at most)
+PRICE_CAP = 8.0  # a cheap level gives up when a price passes this (likely infeasible)
+
 _NONFINITE_MSG = ("Matching cost contains NaN or Inf; the encoder output or codebook has "
                   "diverged (lower the learning rate or check the inputs).")
 
@@ -105,7 +127,7 @@ def _hungarian(cost):
 
 
 # ----------------------------------------------------------------------------------------
-# Auction (one image; vmapped over the batch).
+# Auction, one image (vmapped over the batch).
 
 
 def _phases():
@@ -113,184 +135,261 @@ def _phases():
   return np.maximum(EPS_START / EPS_FACTOR ** np.arange(n), EPS_FINAL).astype(np.float32)
 
 
-def _row_of(x, slot):
-  """x[i, slot[i]] for x [L, C], slot [L] (slot clipped into range)."""
-  return jnp.take_along_axis(x, jnp.maximum(slot, 0)[:, None], axis=1)[:, 0]
+def _max_first(x, axis=-1):
+  """(max, first index of the max) along `axis`; much cheaper than argmax on CPU."""
+  v = jnp.max(x, axis=axis, keepdims=True)
+  n = x.shape[axis]
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis % x.ndim)
+  return jnp.squeeze(v, axis), jnp.min(jnp.where(x == v, iota, n), axis=axis)
 
 
-def _auction_one(cand, a, num_codes, max_rounds):
-  """Auction on candidate lists: cand int32[L, C] code ids, a float32[L, C] benefits.
+def _first_true(mask, n):
+  """Indices of the first n True entries of a 1-D mask (len(mask) where fewer).
 
-  Returns (slot int32[L] into the candidate lists, -1 only if max_rounds ran out;
-  rounds int32).
+  jnp.nonzero(size=n) costs a slow cumsum + full scatter on CPU; a log-depth prefix sum
+  and a binary search are several times cheaper, and this runs once per auction round.
+  """
+  count = jax.lax.associative_scan(jnp.add, mask.astype(jnp.int32))
+  return jnp.searchsorted(count, jnp.arange(1, n + 1, dtype=jnp.int32), side="left",
+                          method="scan_unrolled").astype(jnp.int32)
+
+
+def _at(x, idx):
+  """x[i, idx[i]] for x [N, M], idx [N] (clipped into range)."""
+  return jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1)[:, None], axis=1)[:, 0]
+
+
+def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, price_cap):
+  """Forward/reverse eps-scaling auction on candidate lists (one image).
+
+  cand: int32[L, C] code ids, a: float32[L, C] benefits in [-1, 0]. init_codes int32[L]
+  (-1: none) and init_price float32[K] warm-start it (any prices and any one-to-one
+  partial assignment are a valid start: latents violating eps-CS are evicted first).
+  Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32, price).
+  ok is False when max_rounds ran out or a price passed price_cap (then slot may hold
+  -1s; the caller retries with longer lists).
   """
   l, c = a.shape
   k = num_codes
+  nb = min(l, BUFFER)
+  nv = min(k, REVERSE_BUFFER)
   person = jnp.arange(l, dtype=jnp.int32)
-  code = jnp.arange(k, dtype=jnp.int32)
-  flat = cand.reshape(-1)
-  person_of_entry = jnp.repeat(person, c)
+  # inv[i, code] = position of `code` in latent i's list, or -1: the column view the
+  # reverse iterations need.
+  inv = jnp.full((l, k), -1, jnp.int16 if c < 2 ** 15 else jnp.int32)
+  inv = inv.at[person[:, None], cand].set(jnp.arange(c, dtype=inv.dtype)[None, :])
+  in_lists = jnp.zeros((k,), bool).at[cand.reshape(-1)].set(True)
 
-  def profits(price):
-    return a - price[cand]
-
-  def held_code(slot):
-    return jnp.where(slot >= 0, _row_of(cand, slot), k)  # k = "none" (dropped on scatter)
-
-  def forward_round(price, owner, slot, eps, rnd):
-    prof = profits(price)
-    best = jnp.argmax(prof, axis=1).astype(jnp.int32)
-    v = _row_of(prof, best)
-    w = jnp.max(jnp.where(jnp.arange(c) == best[:, None], -jnp.inf, prof), axis=1)
-    if OPTS["spread"]:
-      near = prof >= (v - 0.5 * eps)[:, None]
-      x = (person[:, None] * c + jnp.arange(c)[None, :]).astype(jnp.uint32)
-      x = x ^ (rnd.astype(jnp.uint32) * jnp.uint32(0x9E3779B9))
-      x = x * jnp.uint32(0x85EBCA6B)
-      x = x ^ (x >> 13)
-      x = x * jnp.uint32(0xC2B2AE35)
-      x = (x ^ (x >> 16)) | jnp.uint32(1)
-      choice = jnp.argmax(jnp.where(near, x, jnp.uint32(0)), axis=1).astype(jnp.int32)
-      pj = _row_of(prof, choice)
-      wj = jnp.where(choice == best, w, v)
-    else:
-      choice, pj, wj = best, v, w
-    # Bid: new price = old + (v - w) + eps (Bertsekas). The cap only matters when a list
-    # has a single candidate (w = -inf); nextafter guarantees float progress.
-    j = _row_of(cand, choice)
-    p_old = price[j]
-    bid = jnp.maximum(p_old + jnp.minimum(pj - wj, 4.0) + eps, jnp.nextafter(p_old, jnp.inf))
-    bidding = slot < 0
-    target = jnp.where(bidding, j, k)
-    top = jnp.full((k,), -jnp.inf).at[target].max(bid, mode="drop")
-    is_top = bidding & (bid == top[jnp.minimum(target, k - 1)])
-    winner = jnp.full((k,), l, jnp.int32).at[target].min(jnp.where(is_top, person, l),
-                                                          mode="drop")
-    got = winner < l
-    won = bidding & (winner[jnp.minimum(target, k - 1)] == person)
-    displaced = (slot >= 0) & got[jnp.minimum(held_code(slot), k - 1)]
-    slot = jnp.where(won, choice, jnp.where(displaced, -1, slot))
-    owner = jnp.where(got, winner, owner)
-    price = jnp.where(got, top, price)
-    return price, owner, slot
+  def held(slot):
+    return jnp.where(slot >= 0, _at(cand, slot), k)  # k = none (dropped by scatters)
 
   def lam_of(price, owner):
     return jnp.min(jnp.where(owner >= 0, price, jnp.inf))
 
-  def reverse_round(price, owner, slot, eps):
-    # Bertsekas' reverse iteration for the asymmetric problem, in Jacobi form: every unheld
-    # code priced above lambda either drops to lambda or takes its best latent.
-    lam = lam_of(price, owner)
-    pi = _row_of(a, slot) - price[held_code(slot)]  # current profits (all assigned)
-    val = (a - pi[:, None]).reshape(-1)
-    beta = jnp.full((k,), -jnp.inf).at[flat].max(val)
-    bp = jnp.full((k,), l, jnp.int32).at[flat].min(
-        jnp.where(val == beta[flat], person_of_entry, l))
-    omega = jnp.full((k,), -jnp.inf).at[flat].max(
-        jnp.where(person_of_entry != bp[flat], val, -jnp.inf))
-    viol = (owner < 0) & (price > lam)
-    lower = viol & ~(beta - eps > lam)
-    offer = viol & (beta - eps > lam)
+  def forward_round(price, owner, slot, eps):
+    # Jacobi bidding (Bertsekas 1988) by up to `nb` unassigned latents; any subset of the
+    # unassigned latents may bid, so capping the buffer keeps correctness. Everything is
+    # O(nb * C + nb^2): no pass over all K codes per round.
+    who = _first_true(slot < 0, nb)
+    valid = who < l
+    w_c = jnp.minimum(who, l - 1)
+    cb, ab = cand[w_c], a[w_c]
+    prof = ab - price[cb]
+    v, best = _max_first(prof)
+    second = jnp.max(jnp.where(jnp.arange(c) == best[:, None], -jnp.inf, prof), axis=1)
+    j = _at(cb, best)
+    p_old = price[j]
+    # New price = old + (best - second best profit) + eps, so the winner ends eps-CS.
+    # The cap only bites for single-candidate lists (second = -inf); nextafter keeps
+    # float32 progress.
+    bid = jnp.maximum(p_old + jnp.minimum(v - second, 4.0) + eps,
+                      jnp.nextafter(p_old, jnp.inf))
+    # Each code goes to its highest bidder (ties: first in the buffer).
+    r = jnp.arange(nb)
+    beats = (bid[None, :] > bid[:, None]) | ((bid[None, :] == bid[:, None]) &
+                                             (r[None, :] < r[:, None]))
+    won = valid & ~jnp.any((j[:, None] == j[None, :]) & beats & valid[None, :], axis=1)
+    code = jnp.where(won, j, k)
+    displaced = jnp.where(won & (owner[j] >= 0), owner[j], l)  # (-1 would wrap around)
+    slot = slot.at[displaced].set(-1, mode="drop")
+    slot = slot.at[jnp.where(won, who, l)].set(best, mode="drop")
+    owner = owner.at[code].set(who, mode="drop")
+    price = price.at[code].set(bid, mode="drop")
+    return price, owner, slot, jnp.max(jnp.where(won, bid, -jnp.inf))
+
+  def violators(price, owner, lam):
+    viol = in_lists & (owner < 0) & (price > lam)
+    return _first_true(viol, nv), jnp.any(viol)
+
+  def reverse_round(price, owner, slot, eps, lam, codes):
+    # Reverse iteration for the asymmetric problem (Bertsekas & Castanon 1993), Jacobi
+    # form, lambda fixed: each unheld code priced above lambda either drops to lambda (no
+    # latent would gain more than eps from it) or takes its best latent at
+    # max(lambda, second best - eps), which keeps every held price >= lambda.
+    valid = codes < k
+    col = inv[:, jnp.minimum(codes, k - 1)].astype(jnp.int32).T  # [nv, L]
+    profit = _at(a, slot) - price[held(slot)]  # current profits; all latents assigned
+    val = jnp.where(col >= 0, a[person[None, :], jnp.maximum(col, 0)] - profit[None, :],
+                    -jnp.inf)
+    beta, bp = _max_first(val)
+    omega = jnp.max(jnp.where(person[None, :] == bp[:, None], -jnp.inf, val), axis=1)
+    take = valid & (beta - eps > lam)
+    lower = valid & ~take
     q = jnp.maximum(lam, omega - eps)
-    gain = jnp.where(offer, beta - q, -jnp.inf)  # latent's profit rise if it accepts
-    to = jnp.where(offer, bp, l)
-    best_gain = jnp.full((l,), -jnp.inf).at[to].max(gain, mode="drop")
-    pick = jnp.full((l,), k, jnp.int32).at[to].min(
-        jnp.where(offer & (gain == best_gain[jnp.minimum(to, l - 1)]), code, k), mode="drop")
-    moving = pick < k
-    accepted = offer & (pick[jnp.minimum(to, l - 1)] == code)
-    owner = owner.at[jnp.where(moving, held_code(slot), k)].set(-1, mode="drop")
-    owner = jnp.where(accepted, bp, owner)
-    price = jnp.where(lower, lam, jnp.where(accepted, q, price))
-    new_slot = jnp.argmax(cand == pick[:, None], axis=1).astype(jnp.int32)
-    slot = jnp.where(moving, new_slot, slot)
+    gain = jnp.where(take, beta - q, -jnp.inf)
+    # A latent offered several codes accepts the largest gain (ties: first offer).
+    r = jnp.arange(nv)
+    beats = (gain[None, :] > gain[:, None]) | ((gain[None, :] == gain[:, None]) &
+                                               (r[None, :] < r[:, None]))
+    accepted = take & ~jnp.any((bp[:, None] == bp[None, :]) & beats & take[None, :],
+                               axis=1)
+    mover = jnp.where(accepted, bp, l)
+    owner = owner.at[jnp.where(accepted, held(slot)[jnp.minimum(bp, l - 1)], k)].set(
+        -1, mode="drop")
+    owner = owner.at[jnp.where(accepted, codes, k)].set(bp, mode="drop")
+    price = price.at[jnp.where(accepted, codes, k)].set(q, mode="drop")
+    price = price.at[jnp.where(lower, codes, k)].set(lam, mode="drop")
+    new_slot = inv[jnp.minimum(bp, l - 1), jnp.minimum(codes, k - 1)].astype(jnp.int32)
+    slot = slot.at[mover].set(new_slot, mode="drop")
     return price, owner, slot
 
-  def phase(carry, xs):
-    eps, final = xs
-    price, owner, slot, rounds = carry
-    if OPTS["restart"]:
-      price = jnp.where(owner < 0, 0.0, price)
-      evict = slot >= 0
-    else:
-      # Evict latents violating the new (smaller) eps-CS; the others keep their codes.
-      prof = profits(price)
-      evict = (slot >= 0) & (_row_of(prof, slot) < jnp.max(prof, axis=1) - eps)
-    owner = owner.at[jnp.where(evict, held_code(slot), k)].set(-1, mode="drop")
+  def running(top_price, rounds):
+    return (rounds < max_rounds) & (top_price <= price_cap)
+
+  def phase(carry, eps):
+    price, owner, slot, rounds, top_price = carry
+    # Latents violating the new (smaller) eps-CS give their codes up; the others keep them.
+    prof = a - price[cand]
+    evict = (slot >= 0) & (_at(prof, slot) < jnp.max(prof, axis=1) - eps)
+    owner = owner.at[jnp.where(evict, held(slot), k)].set(-1, mode="drop")
     slot = jnp.where(evict, -1, slot)
 
     def fwd_cond(s):
-      return jnp.any(s[2] < 0) & (s[3] < max_rounds)
+      return jnp.any(s[2] < 0) & running(s[4], s[3])
 
     def fwd_body(s):
-      return (*forward_round(*s[:3], eps, s[3]), s[3] + 1)
+      price, owner, slot, top = forward_round(*s[:3], eps)
+      return price, owner, slot, s[3] + 1, jnp.maximum(s[4], top)
 
-    r0 = rounds
-    nev = jnp.sum(evict)
-    price, owner, slot, rounds = jax.lax.while_loop(fwd_cond, fwd_body,
-                                                    (price, owner, slot, rounds))
-    r1 = rounds
+    price, owner, slot, rounds, top_price = jax.lax.while_loop(
+        fwd_cond, fwd_body, (price, owner, slot, rounds, top_price))
+    lam = lam_of(price, owner)
 
     def rev_cond(s):
-      viol = (s[1] < 0) & (s[0] > lam_of(s[0], s[1]))
-      return ((final | OPTS["rev_every"]) & jnp.any(viol) & jnp.all(s[2] >= 0)
-              & (s[3] < max_rounds))
+      return s[5] & jnp.all(s[2] >= 0) & running(top_price, s[3])
 
     def rev_body(s):
-      return (*reverse_round(*s[:3], eps), s[3] + 1)
+      price, owner, slot = reverse_round(*s[:3], eps, lam, s[4])
+      return (price, owner, slot, s[3] + 1, *violators(price, owner, lam))
 
-    price, owner, slot, rounds = jax.lax.while_loop(rev_cond, rev_body,
-                                                    (price, owner, slot, rounds))
-    # Shift prices so lambda = 0 (keeps magnitudes ~1 for float32 resolution); unheld
-    # codes go up to lambda, which never breaks eps-CS.
-    lam = lam_of(price, owner)
+    price, owner, slot, rounds, _, _ = jax.lax.while_loop(
+        rev_cond, rev_body, (price, owner, slot, rounds, *violators(price, owner, lam)))
+    # Shift prices so lambda = 0 (keeps them ~1 for float32 resolution); unheld codes go
+    # up to lambda, which never breaks eps-CS.
     price = jnp.maximum(price - jnp.where(jnp.isfinite(lam), lam, 0.0), 0.0)
-    return (price, owner, slot, rounds), jnp.stack([nev, r1 - r0, rounds - r1])
+    return (price, owner, slot, rounds, jnp.max(price)), None
 
-  init = (jnp.zeros((k,), jnp.float32), jnp.full((k,), -1, jnp.int32),
-          jnp.full((l,), -1, jnp.int32), jnp.int32(0))
-  (price, owner, slot, rounds), per_phase = jax.lax.scan(
-      phase, init, (jnp.asarray(_phases()), jnp.arange(len(_phases())) == len(_phases()) - 1))
-  return slot, owner, rounds, per_phase
+  slot = jnp.where(init_codes >= 0, inv[person, jnp.clip(init_codes, 0, k - 1)], -1)
+  slot = slot.astype(jnp.int32)
+  owner = jnp.full((k,), -1, jnp.int32).at[held(slot)].set(person, mode="drop")
+  init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price))
+  (price, owner, slot, rounds, top_price), _ = jax.lax.scan(phase, init,
+                                                            jnp.asarray(_phases()))
+  ok = jnp.all(slot >= 0) & running(top_price, rounds)
+  return slot, ok, rounds, price
 
 
-def _fill_unassigned(codes, owner, num_codes):
-  """Gives latents left without a code (only if max_rounds ran out) distinct free codes."""
+def _fill_unassigned(codes, num_codes):
+  """Gives latents without a code distinct unused codes (only after a failed solve)."""
   l = codes.shape[0]
-  free = jnp.nonzero(owner < 0, size=l, fill_value=0)[0].astype(jnp.int32)
+  used = jnp.zeros((num_codes,), bool).at[jnp.where(codes >= 0, codes, num_codes)].set(
+      True, mode="drop")
+  free = jnp.nonzero(~used, size=l, fill_value=0)[0].astype(jnp.int32)
   rank = jnp.cumsum(codes < 0) - 1
   return jnp.where(codes < 0, free[jnp.clip(rank, 0, l - 1)], codes)
 
 
-def auction_solve(cost, *, max_rounds=None):
-  """Auction on cost float[B, L, K] -> (int32[B, L] codes, info dict).
+def _level(cost, init, *, c, final, max_rounds):
+  """Auction with the top-c codes of every latent as candidates, warm-started from the
+  previous level's result `init` where that one converged. Returns a result dict."""
+  bsz, l, k = cost.shape
+  # The barrier keeps XLA from rewriting top_k into a full sort when fused with its users.
+  neg, cand = jax.lax.optimization_barrier(jax.lax.top_k(-cost, c))
+  spread = neg[..., :1] - neg  # >= 0: each list shifted so its best costs 0
+  scale = jnp.max(spread, axis=(1, 2))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  a = -spread / scale[:, None, None]
+  solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
+                                     price_cap=np.inf if final else PRICE_CAP))
+  warm = init["warm"][:, None]
+  init_codes = jnp.where(warm, init["codes"], -1)
+  init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
 
-  info: "rounds" (forward + reverse rounds, per image), "converged" (bool per image;
-  False only if max_rounds ran out, in which case the leftover latents got arbitrary free
-  codes: still one-to-one, not optimal), "gap_bound" (L * EPS_FINAL * S per image, the
-  guaranteed bound on total_cost - optimum in cost units).
+  def run(_):
+    slot, ok, rounds, price = solve(cand, a, init_codes, init_price)
+    converged = ok
+    # Certificate over all K codes: eps-CS against every code at the final prices (codes
+    # outside the lists sit at price 0 = lambda). It makes the pruned solution
+    # eps-optimal for the full problem whatever c was; for c = L pruning is provably safe.
+    if not final:
+      prof = -(neg[..., :1] + cost) / scale[:, None, None] - price[:, None, :]
+      own = (jnp.take_along_axis(a, jnp.maximum(slot, 0)[..., None], -1)[..., 0]
+             - jnp.take_along_axis(price, _codes(cand, slot), axis=1))
+      ok = ok & jnp.all(own >= jnp.max(prof, axis=2) - 2 * EPS_FINAL, axis=1)
+    return {"codes": jnp.where(slot >= 0, _codes(cand, slot), -1), "ok": ok,
+            "warm": converged, "price": price, "rounds": rounds, "scale": scale,
+            "level": jnp.full((bsz,), c, jnp.int32)}
+
+  if final:
+    return run(None)
+  # Cheap precheck against lists too short to hold a perfect matching: a group of latents
+  # sharing one nearest code (a collapsed cluster) has nearly the same lists, so skip
+  # this level when such a group outnumbers a list.
+  top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], cand[..., 0]].add(1)
+  skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
+             "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
+             "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
+             "level": jnp.full((bsz,), c, jnp.int32)}
+  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
+
+
+def _codes(cand, slot):
+  return jnp.take_along_axis(cand, jnp.maximum(slot, 0)[..., None], axis=-1)[..., 0]
+
+
+def auction_solve(cost, *, max_rounds=None):
+  """Auction (PI-VQ paper §3.4 matching) on cost float[B, L, K] -> (int32[B, L], info).
+
+  Tries candidate lists of LADDER sizes (cheap, certified over all K codes, skipped or
+  abandoned when too short) and falls back to C = L lists, which pruning makes safe.
+  info: "rounds" (auction rounds of the accepted level), "level" (its list length),
+  "converged" (False only if max_rounds ran out: the leftover latents then got arbitrary
+  free codes, still one-to-one), "gap_bound" (L * 2^-21 * S, the guaranteed bound on
+  total cost - optimum in cost units; see the module docstring).
   """
   bsz, l, k = cost.shape
   if max_rounds is None:
-    max_rounds = 200 * l + 10_000
+    max_rounds = 100 * l + 20_000
   cost = cost.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(cost), axis=(1, 2))
   cost = jnp.where(jnp.isfinite(cost), cost, 0.0)
-  c = min(k, max(l, 2))  # 2 candidates even for L = 1, so "second best" exists
-  neg, cand = jax.lax.top_k(-cost, c)
-  spread = neg[..., :1] - neg  # >= 0; candidate list shifted so its best is 0
-  scale = jnp.max(spread, axis=(1, 2), keepdims=True)
-  scale = jnp.where(scale > 0, scale, 1.0)
-  a = -spread / scale
-  solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds))
-  slot, owner, rounds, per_phase = solve(cand.astype(jnp.int32), a)
-  codes = jnp.where(slot >= 0, jnp.take_along_axis(cand, jnp.maximum(slot, 0)[..., None],
-                                                   axis=-1)[..., 0], -1)
-  converged = jnp.all(slot >= 0, axis=1)
-  codes = jax.vmap(functools.partial(_fill_unassigned, num_codes=k))(codes, owner)
+  final_c = min(k, max(l, 2))  # 2 candidates even for L = 1, so "second best" exists
+  levels = sorted(set(c for c in LADDER if c < final_c)) + [final_c]
+  res = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
+         "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
+         "rounds": jnp.zeros((bsz,), jnp.int32), "scale": jnp.ones((bsz,), jnp.float32),
+         "level": jnp.zeros((bsz,), jnp.int32)}
+  for i, c in enumerate(levels):
+    final = c == final_c
+    level = functools.partial(_level, cost, c=c, final=final,
+                              max_rounds=max_rounds if final else 20 * l + 4000)
+    res = level(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), lambda r: r, level,
+                                                 res)
+  converged = res["ok"] & finite
+  codes = jax.vmap(functools.partial(_fill_unassigned, num_codes=k))(res["codes"])
   codes = jnp.where(finite[:, None], codes, -1).astype(jnp.int32)
-  info = {"rounds": rounds, "per_phase": per_phase, "converged": converged & finite,
-          "gap_bound": l * EPS_FINAL * scale[:, 0, 0]}
+  info = {"rounds": res["rounds"], "level": res["level"], "converged": converged,
+          "gap_bound": 2 * l * EPS_FINAL * res["scale"]}
   return codes, info
 
 
@@ -337,7 +436,7 @@ def _greedy_repair(score):
   def body(s):
     codes, taken = s
     pref = jnp.where(taken[None, :], -jnp.inf, score)
-    choice = jnp.argmax(pref, axis=1).astype(jnp.int32)
+    choice = _max_first(pref)[1]
     strength = jnp.where(codes < 0, jnp.max(pref, axis=1), -jnp.inf)
     target = jnp.where(codes < 0, choice, k)
     top = jnp.full((k,), -jnp.inf).at[target].max(strength, mode="drop")
@@ -365,7 +464,7 @@ def assign(cost, *, solver: str = "auction"):
   """cost: float[..., L, K] with L <= K -> int32[..., L] of distinct codes per row.
 
   Minimises sum_l cost[..., l, out[..., l]] subject to out[...] having no repeats
-  ("auction": within L * 2^-22 * S of the optimum, see the module docstring; "hungarian":
+  ("auction": within L * 2^-21 * S of the optimum, see the module docstring; "hungarian":
   exact; "sinkhorn": one-to-one but not optimal). NaN/Inf costs raise ValueError, eagerly
   for concrete inputs, at run time under jit/vmap.
   """
@@ -375,12 +474,13 @@ def assign(cost, *, solver: str = "auction"):
   if l > k:
     raise ValueError(f"Matching needs L <= K, got L={l} latents and K={k} codes.")
   cost = jax.lax.stop_gradient(jnp.asarray(cost))
-  if solver == "hungarian":
-    return _hungarian(cost)  # checks finiteness on the host
-  if isinstance(cost, jax.core.Tracer):
+  if not isinstance(cost, jax.core.Tracer):
+    if not np.all(np.isfinite(np.asarray(cost))):
+      raise ValueError(_NONFINITE_MSG)
+  elif solver != "hungarian":  # the Hungarian callback checks on the host itself
     jax.debug.callback(_raise_if_nonfinite, jnp.all(jnp.isfinite(cost)))
-  elif not np.all(np.isfinite(np.asarray(cost))):
-    raise ValueError(_NONFINITE_MSG)
+  if solver == "hungarian":
+    return _hungarian(cost)
   flat = cost.reshape(-1, l, k)
   if solver == "auction":
     out = _auction_jit(flat)

@@ -1,0 +1,147 @@
+"""Matching solvers side by side, in one run, on the same batches (PI-VQ paper §3.4).
+
+  python benchmarks/matching.py [--sizes=paper,faces] [--families=random,collapsed49,...]
+      [--batch=8] [--repeats=3] [--noise=0.01] [--latents=file.npz] [--out=matching.json]
+  python benchmarks/matching.py --quick      # faces size only, 2 repeats
+
+Methods: "nearest" (argmin: a lower bound, not a valid matching), "auction" (on device),
+"hungarian" (scipy on the host: the exact optimum), "sinkhorn" (ott-jax + greedy repair).
+Families: Gaussian latents vs a Gaussian codebook ("random"); latents collapsed onto m
+codes, each latent = one of m codebook vectors + `noise` * N(0, 1) ("collapsedM"); and,
+with --latents (an .npz with `latents` float32[N, L, D] and `codebook` [K, D]), the
+first `batch` images of a trained model ("file", at the file's own size). Costs are plain
+Euclidean distances, computed as the quantizer computes them.
+
+Per family x size x method: seconds per batch (after compiling; median of `repeats` runs
+for methods faster than a second, one run otherwise), ratio to scipy, validity (fraction
+of rows that are one-to-one) and optimality gap (total cost / exact optimum - 1, mean and
+max over rows; negative for nearest, which is not a matching).
+"""
+
+import functools
+import json
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pivq_jax.quantizers import matching
+from pivq_jax.quantizers import vq
+
+SIZES = {"paper": (512, 4096, 256), "faces": (32, 256, 64)}  # L, K, D
+FAMILIES = ("random", "collapsed49", "collapsed8", "collapsed1")
+METHODS = ("nearest", "auction", "hungarian", "sinkhorn")
+
+_SIZES = flags.DEFINE_list("sizes", list(SIZES), f"Subset of {list(SIZES)}.")
+_FAMILIES = flags.DEFINE_list("families", list(FAMILIES), "Instance families.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to compare.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Images per batch (B).")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs for methods under a second.")
+_NOISE = flags.DEFINE_float("noise", 0.01, "Noise std of the collapsed families.")
+_SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_LATENTS = flags.DEFINE_string("latents", None,
+                               ".npz with `latents` [N, L, D] and `codebook` [K, D].")
+_QUICK = flags.DEFINE_bool("quick", False, "Faces size only, 2 repeats.")
+_OUT = flags.DEFINE_string("out", None, "Optional JSON output path.")
+
+
+def make_instance(family, size, batch, noise, rng):
+  """(latents [B, L, D], codebook [K, D]) as float32."""
+  l, k, d = size
+  codebook = rng.normal(size=(k, d)).astype(np.float32)
+  if family == "random":
+    return rng.normal(size=(batch, l, d)).astype(np.float32), codebook
+  m = int(family.removeprefix("collapsed"))
+  centres = rng.choice(k, m, replace=False)
+  z = codebook[rng.choice(centres, (batch, l))] + noise * rng.normal(size=(batch, l, d))
+  return z.astype(np.float32), codebook
+
+
+def euclidean(z, codebook):
+  return jnp.sqrt(jnp.maximum(vq.squared_distances(z, codebook), 0.0))
+
+
+def solver_fn(method):
+  if method == "nearest":
+    return lambda cost: jnp.argmin(cost, axis=-1).astype(jnp.int32)
+  return functools.partial(matching.assign, solver=method)
+
+
+def time_method(method, cost, repeats):
+  fn = jax.jit(solver_fn(method)).lower(cost).compile()  # the warm-up: compile ahead
+  times, out = [], None
+  while len(times) < (repeats if not times or times[0] < 1.0 else 1):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn(cost))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), np.asarray(out), len(times)
+
+
+def evaluate(cost, codes, optimum):
+  cost = np.asarray(cost, np.float64)
+  b, l, _ = cost.shape
+  valid = np.mean([len(set(row.tolist())) == l for row in codes])
+  totals = np.take_along_axis(cost, codes[..., None], axis=-1)[..., 0].sum(-1)
+  gaps = totals / optimum - 1.0
+  return float(valid), float(np.mean(gaps)), float(np.max(gaps))
+
+
+def main(_):
+  sizes = ["faces"] if _QUICK.value else _SIZES.value
+  repeats = 2 if _QUICK.value else _REPEATS.value
+  rng = np.random.default_rng(_SEED.value)
+  cases = [(fam, name, SIZES[name]) for name in sizes for fam in _FAMILIES.value]
+  if _LATENTS.value:
+    data = np.load(_LATENTS.value)
+    cases.append(("file", "file", None))
+  methods = list(_METHODS.value)
+  if "hungarian" not in methods:
+    methods.append("hungarian")  # the exact optimum every gap is measured against
+  rows = []
+  for family, size_name, size in cases:
+    if family == "file":
+      z = np.asarray(data["latents"][:_BATCH.value], np.float32)
+      codebook = np.asarray(data["codebook"], np.float32)
+    else:
+      z, codebook = make_instance(family, size, _BATCH.value, _NOISE.value, rng)
+    cost = jax.block_until_ready(euclidean(jnp.asarray(z), jnp.asarray(codebook)))
+    b, l, k = cost.shape
+    results = {m: time_method(m, cost, repeats) for m in
+               sorted(methods, key=lambda m: m != "hungarian")}
+    optimum = np.take_along_axis(np.asarray(cost, np.float64), results["hungarian"][1][
+        ..., None], axis=-1)[..., 0].sum(-1)
+    _, info = jax.jit(matching.auction_solve)(cost)
+    for method in methods:
+      seconds, codes, runs = results[method]
+      valid, gap_mean, gap_max = evaluate(cost, codes, optimum)
+      row = {"family": family, "size": size_name, "L": l, "K": k, "D": z.shape[-1], "B": b,
+             "method": method, "seconds_per_batch": seconds, "runs": runs,
+             "ratio_to_scipy": seconds / results["hungarian"][0], "valid": valid,
+             "gap_mean": gap_mean, "gap_max": gap_max}
+      if method == "auction":
+        row.update(rounds_max=int(np.max(info["rounds"])),
+                   list_length=int(np.max(info["level"])),
+                   gap_bound_rel=float(np.max(np.asarray(info["gap_bound"]) / optimum)))
+      rows.append(row)
+      print(f"{family:11s} {size_name:6s} {method:9s} {seconds:9.4f}s x{row['ratio_to_scipy']:7.2f}"
+            f"  valid {valid:5.3f}  gap {gap_mean:+.1e} / {gap_max:+.1e}"
+            + (f"  rounds {row['rounds_max']} C={row['list_length']}"
+               if method == "auction" else ""), flush=True)
+
+  print(f"\n{jax.devices()[0].device_kind}, batch {_BATCH.value}, noise {_NOISE.value}")
+  print(f"{'family':11s} {'size':6s} {'method':9s} {'s/batch':>9s} {'/scipy':>7s} "
+        f"{'valid':>6s} {'gap mean':>9s} {'gap max':>9s}")
+  for r in rows:
+    print(f"{r['family']:11s} {r['size']:6s} {r['method']:9s} {r['seconds_per_batch']:9.4f} "
+          f"{r['ratio_to_scipy']:7.2f} {r['valid']:6.3f} {r['gap_mean']:9.1e} "
+          f"{r['gap_max']:9.1e}")
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(rows, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,171 @@
+"""Matching solvers (PI-VQ paper §3.4): one-to-one and optimal against scipy."""
+
+import hypothesis
+from hypothesis import strategies as st
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.optimize
+
+from pivq_jax.quantizers import matching
+
+
+def _optimum(cost):
+  rows, cols = scipy.optimize.linear_sum_assignment(cost.astype(np.float64))
+  return cost.astype(np.float64)[rows, cols].sum()
+
+
+def _check(cost, codes, *, optimal=True, num_codes=None):
+  """Every row one-to-one; with `optimal`, its total equals scipy's optimum."""
+  cost, codes = np.asarray(cost), np.asarray(codes)
+  b, l, k = cost.shape
+  k = num_codes or k
+  assert codes.shape == (b, l) and codes.dtype == np.int32
+  for c, row in zip(cost, codes):
+    assert row.min() >= 0 and row.max() < k
+    assert len(set(row.tolist())) == l, row
+    if optimal:
+      total = c.astype(np.float64)[np.arange(l), row].sum()
+      # Guaranteed bound: L * 2^-22 * spread <= L * 2^-22 * max cost (module docstring).
+      tol = l * 2.0 ** -21 * float(np.abs(c).max()) + 1e-30
+      assert total - _optimum(c) <= tol, (total, _optimum(c))
+
+
+def _euclidean(z, codebook):
+  return np.linalg.norm(z[:, :, None] - codebook[None, None], axis=-1).astype(np.float32)
+
+
+@st.composite
+def _instances(draw):
+  """Small instances: floats, or tiny-range integers (ties), optionally duplicated rows.
+
+  B is padded to 3 and K to 12 (extra codes cost more than any real one, so they never
+  belong to an optimum) to keep the number of compiled shapes small.
+  """
+  b = draw(st.integers(1, 3))
+  l = draw(st.integers(1, 8))
+  k = draw(st.integers(l, 12))
+  if draw(st.booleans()):
+    cost = draw(hnp.arrays(np.float32, (b, l, k), elements=st.integers(0, 2).map(float)))
+  else:
+    cost = draw(hnp.arrays(np.float32, (b, l, k), elements=st.floats(
+        0, 1, width=32, allow_subnormal=False)))
+  if l > 1 and draw(st.booleans()):  # duplicated latents
+    src = draw(hnp.arrays(np.int64, (l,), elements=st.integers(0, l - 1)))
+    cost = cost[:, src]
+  return cost
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(_instances())
+def test_auction_matches_scipy(cost):
+  b, l, k = cost.shape
+  padded = np.full((3, l, 12), float(cost.max()) + 1.0, np.float32)
+  padded[:b, :, :k] = cost
+  padded[b:] = padded[:1]
+  codes = np.asarray(matching.assign(jnp.asarray(padded)))[:b]
+  _check(cost, codes)
+
+
+@pytest.mark.parametrize("l", [1, 5, 16])
+def test_square_l_equals_k(l):
+  rng = np.random.default_rng(l)
+  cost = np.concatenate([rng.random((2, l, l)), rng.integers(0, 3, (1, l, l))]).astype(
+      np.float32)
+  _check(cost, matching.assign(jnp.asarray(cost)))
+
+
+@pytest.mark.parametrize("k", [10, 40])
+def test_all_latents_identical(k):
+  rng = np.random.default_rng(k)
+  row = rng.random(k).astype(np.float32)
+  cost = np.stack([np.tile(row, (10, 1)), np.ones((10, k), np.float32)])  # 2nd: all tied
+  _check(cost, matching.assign(jnp.asarray(cost)))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e6])
+def test_cost_scale(scale):
+  rng = np.random.default_rng(0)
+  cb = rng.normal(size=(40, 4)).astype(np.float32)
+  z = cb[rng.integers(0, 3, (2, 12))] + 0.01 * rng.normal(size=(2, 12, 4))
+  base = np.concatenate([_euclidean(z, cb), rng.random((1, 12, 40)).astype(np.float32)])
+  cost = (base * scale).astype(np.float32)
+  codes = matching.assign(jnp.asarray(cost))
+  _check(cost, codes)
+  _check(base, codes)  # the same assignment is optimal for the unscaled problem
+
+
+def test_collapsed_latents_64x512():
+  # A collapsed encoder: latents = a few code vectors + tiny noise (spec §2's hard case).
+  rng = np.random.default_rng(1)
+  cb = rng.normal(size=(512, 16)).astype(np.float32)
+  z = cb[rng.integers(0, 3, (2, 64))] + 1e-3 * rng.normal(size=(2, 64, 16))
+  cost = _euclidean(z, cb)
+  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(cost))
+  _check(cost, codes)
+  assert bool(np.all(info["converged"]))
+  # All 64 latents on one code: 32-code lists cannot hold them, so C = L must be used.
+  one = _euclidean(cb[np.zeros((1, 64), int)] + 1e-3 * rng.normal(size=(1, 64, 16)), cb)
+  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(one))
+  _check(one, codes)
+  assert int(info["level"][0]) == 64  # short lists were rejected, fell back to C = L
+
+
+def test_short_lists_are_used_when_certified():
+  rng = np.random.default_rng(2)
+  cost = _euclidean(rng.normal(size=(2, 64, 8)), rng.normal(size=(512, 8)))
+  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(cost))
+  _check(cost, codes)
+  assert int(info["level"][0]) == 32
+  assert np.all(np.asarray(info["gap_bound"]) > 0)
+
+
+def test_under_jit_and_vmap():
+  rng = np.random.default_rng(3)
+  cost = rng.integers(0, 4, (2, 3, 6, 9)).astype(np.float32)
+  out_vmap = jax.vmap(matching.assign)(jnp.asarray(cost))
+  out_jit = jax.jit(lambda c: matching.assign(c, solver="auction"))(jnp.asarray(cost))
+  for out in (out_vmap, out_jit):
+    assert out.shape == (2, 3, 6)
+    _check(cost.reshape(6, 6, 9), np.asarray(out).reshape(6, 6))
+
+
+@pytest.mark.parametrize("solver", matching.SOLVERS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_cost_raises(solver, bad):
+  cost = np.random.default_rng(0).random((2, 3, 5)).astype(np.float32)
+  cost[1, 2, 4] = bad
+  with pytest.raises(ValueError, match="NaN or Inf"):
+    jax.block_until_ready(matching.assign(jnp.asarray(cost), solver=solver))
+  if solver == "auction":  # traced: the check runs on device and raises at run time
+    with pytest.raises(Exception, match="NaN or Inf"):
+      jax.block_until_ready(jax.jit(matching.assign)(jnp.asarray(cost)))
+    with pytest.raises(Exception, match="NaN or Inf"):
+      jax.block_until_ready(jax.vmap(matching.assign)(jnp.asarray(cost)[:, None]))
+
+
+def test_auction_marks_non_finite_images():
+  cost = np.random.default_rng(0).random((2, 3, 5)).astype(np.float32)
+  cost[1, 0, 0] = np.nan
+  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(cost))
+  assert np.all(np.asarray(codes)[1] == -1)
+  assert list(np.asarray(info["converged"])) == [True, False]
+  _check(cost[:1], np.asarray(codes)[:1])
+
+
+def test_sinkhorn_is_one_to_one():
+  rng = np.random.default_rng(4)
+  cb = rng.normal(size=(64, 4)).astype(np.float32)
+  collapsed = _euclidean(cb[np.zeros((1, 16), int)] + 1e-3 * rng.normal(size=(1, 16, 4)), cb)
+  cost = np.concatenate([collapsed, rng.random((1, 16, 64)).astype(np.float32),
+                         rng.integers(0, 2, (1, 16, 64)).astype(np.float32)])
+  _check(cost, matching.assign(jnp.asarray(cost), solver="sinkhorn"), optimal=False)
+
+
+def test_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="L <= K"):
+    matching.assign(jnp.zeros((1, 5, 4)))
+  with pytest.raises(ValueError, match="Unknown matching solver"):
+    matching.assign(jnp.zeros((1, 2, 4)), solver="greedy")
