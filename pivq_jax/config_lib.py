@@ -42,10 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.quantizer = ml_collections.ConfigDict()
   c.quantizer.assignment = "nearest"  # nearest | matching
   c.quantizer.num_codes = 2048  # K
-  c.quantizer.solver = "hungarian"  # matching solver
+  c.quantizer.solver = "auction"  # matching: auction (on device) | hungarian | sinkhorn
   c.quantizer.beta = 0.25
   c.quantizer.beta_on_codebook = True  # UT's convention; False = VQ-VAE's
-  c.quantizer.validate_every = 0  # matching: check against exact Hungarian every N steps
+  c.quantizer.validate_every = 1000  # matching: exact host Hungarian check every N steps
 
   # Delayed codebook initialisation (paper §3.7): no quantization before start_step, then a
   # k-means++ codebook fitted to recent encoder outputs.
