@@ -183,8 +183,10 @@ def test_codebook_init_fits_the_encoder_latents(tiny):
   jax.tree.map(np.testing.assert_array_equal, enc(state), enc(new))
 
 
-def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path):
+@pytest.mark.parametrize("solver", ["hungarian", "auction"])
+def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
+  tiny.quantizer.solver = solver
   tiny.quantizer.validate_every = 2
   results = trainer.run(tiny, str(tmp_path / "m"))
   # Every image uses exactly L distinct codes once quantization is on.
