@@ -12,7 +12,6 @@ permutation-equivariant, so x_hat is invariant to the order of the codes.
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from pivq_jax.models import transformer
