@@ -45,7 +45,12 @@ def get_config(arg: str | None = None):
   c.num_train_steps = 2600
   c.optim.learning_rate = 3e-4  # above the paper's 4.5e-6 x batch: minutes, not days
   c.codebook_init.start_step = 1000  # T_q
-  c.codebook_init.num_batches = 32
+  c.codebook_init.history_steps = 32  # W
+  c.codebook_init.latents_per_step = 0  # all 8 x 32 latents of each step
+  c.codebook_init.reinit_steps = (1300,)
+  c.loss.lpips_net = "alexnet"
+  c.loss.disc_start_step = 1800
+  c.disc.ndf = 16
   c.ema.decay = 0.99  # the paper's 0.995 every 10 steps would lag a 2k-step run by ~2k
   c.ema.every = 1
 
@@ -57,8 +62,8 @@ def get_config(arg: str | None = None):
 
   if arg == "runlocal":
     c.num_train_steps = 6
-    c.codebook_init.start_step = 3
-    c.codebook_init.num_batches = 2
+    c.codebook_init.update(start_step=3, history_steps=2, reinit_steps=(5,))
+    c.loss.disc_start_step = 4
     c.eval.num_examples = 64
     c.log_every = c.eval_every = c.checkpoint_every = 3
   elif arg:

@@ -47,24 +47,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.quantizer.beta_on_codebook = True  # UT's convention; False = VQ-VAE's
   c.quantizer.validate_every = 1000  # matching: exact host Hungarian check every N steps
 
-  # Delayed codebook initialisation (paper §3.7): no quantization before start_step, then a
-  # k-means++ codebook fitted to recent encoder outputs.
+  # Delayed codebook initialisation (paper §3.7): no quantization before start_step (T_q),
+  # then a k-means++ (+ Lloyd) codebook fitted on device to a rolling history of the encoder
+  # outputs of the last `history_steps` (W) steps, re-fitted the same way at reinit_steps.
   c.codebook_init = ml_collections.ConfigDict()
-  c.codebook_init.start_step = 25_000  # T_q
-  c.codebook_init.num_batches = 16  # batches of latents the k-means sees (choice)
+  c.codebook_init.start_step = 25_000  # T_q; 0 keeps UT's uniform init and no k-means
+  c.codebook_init.history_steps = 1000  # W (choice)
+  c.codebook_init.latents_per_step = 64  # sampled from each step's B*L latents; 0 = all (choice)
   c.codebook_init.kmeans_iters = 20  # Lloyd iterations after k-means++ (choice)
   c.codebook_init.reinit_steps = ()  # later re-initialisations (choice)
 
+  # G loss = l1 + lpips (the "nll") + w * hinge G + quantizer loss, w = adversarial_weight x
+  # UT's adaptive weight; D trains from disc_start_step on (ut-reference.md).
   c.loss = ml_collections.ConfigDict()
   c.loss.l1_weight = 1.0
-  c.loss.lpips_weight = 0.0  # paper: 1.0 (LPIPS arrives with the full objective)
-  c.loss.adversarial_weight = 0.0  # paper: 1.0 with UT's adaptive weight
+  c.loss.lpips_weight = 1.0
+  c.loss.lpips_net = "vgg16"  # paper/UT: vgg16; alexnet is ~20x cheaper (choice, CPU)
+  c.loss.lpips_ut_input = True  # UT quirk: [0,1] images fed without the [-1,1] rescale
+  c.loss.adversarial_weight = 1.0
   c.loss.disc_start_step = 100_000
 
   c.disc = ml_collections.ConfigDict()
   c.disc.ndf = 64
   c.disc.n_layers = 3
-  c.disc.diffaug = "color,translation"
+  c.disc.diffaug = "color,translation"  # "" turns DiffAug off
   c.disc.translation_ratio = 0.125
 
   c.optim = ml_collections.ConfigDict()
@@ -86,6 +92,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.num_examples = 512
   c.eval.batch_size = 16  # global
   c.eval.grid_images = 8  # originals + reconstructions shown in the PNG grid
+  # Held-out LPIPS with the official input convention ([-1,1]), EMA params only; "" = off.
+  c.eval.lpips_net = "vgg16"
 
   c.log_every = 50
   c.eval_every = 1000
@@ -94,16 +102,15 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def unimplemented_fields(config) -> list[str]:
-  """Non-default settings of features this version does not train with yet."""
-  out = []
-  if config.loss.lpips_weight:
-    out.append("loss.lpips_weight")
-  if config.loss.adversarial_weight:
-    out.append("loss.adversarial_weight")
-  if config.codebook_init.reinit_steps:
-    out.append("codebook_init.reinit_steps")
-  return out
+def lpips_nets() -> tuple[str, ...]:
+  return ("vgg16", "alexnet")
+
+
+def history_latents_per_step(config) -> int:
+  """Latents each step adds to the k-means history: a sample of its B*L, or all of them."""
+  all_latents = config.batch_size * config.model.num_latents
+  n = config.codebook_init.latents_per_step
+  return all_latents if n <= 0 else min(n, all_latents)
 
 
 class ConfigError(ValueError):
@@ -139,11 +146,27 @@ def check_config(config, *, num_devices: int) -> None:
       raise ConfigError(f"Trunk width {name}={ch} is not a multiple of model.norm_groups="
                         f"{m.norm_groups}, which GroupNorm needs; change model.nf.")
   ci = config.codebook_init
-  points = ci.num_batches * config.batch_size * m.num_latents
-  if points < q.num_codes:
-    raise ConfigError(f"The codebook k-means sees codebook_init.num_batches x batch_size x L"
-                      f" = {points} latents, fewer than the K={q.num_codes} codes; raise "
-                      "codebook_init.num_batches.")
+  if ci.history_steps < 1:
+    raise ConfigError(f"codebook_init.history_steps is {ci.history_steps}; the k-means "
+                      "history needs at least 1 step.")
+  per_step = history_latents_per_step(config)
+  first = min(s for s in (ci.start_step, *ci.reinit_steps) if s > 0) if (
+      ci.start_step or ci.reinit_steps) else None
+  if first is not None and min(first, ci.history_steps) * per_step < q.num_codes:
+    raise ConfigError(f"The codebook k-means at step {first} sees only "
+                      f"{min(first, ci.history_steps) * per_step} latents (history of "
+                      f"min(step, codebook_init.history_steps) steps x {per_step} per step), "
+                      f"fewer than the K={q.num_codes} codes; raise "
+                      "codebook_init.history_steps or latents_per_step.")
+  if config.loss.lpips_net not in lpips_nets():
+    raise ConfigError(f"loss.lpips_net is {config.loss.lpips_net!r}; use one of "
+                      f"{', '.join(lpips_nets())}.")
+  if config.eval.lpips_net not in ("",) + lpips_nets():
+    raise ConfigError(f"eval.lpips_net is {config.eval.lpips_net!r}; use one of "
+                      f"{', '.join(lpips_nets())} or '' to turn it off.")
+  if set(p for p in config.disc.diffaug.split(",") if p) - {"color", "translation"}:
+    raise ConfigError(f"disc.diffaug is {config.disc.diffaug!r}; UT's policy is "
+                      "'color,translation' (or a subset, or '' for none).")
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")
 
@@ -177,7 +200,8 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.batch_size = 2
   c.num_train_steps = 6
   c.optim.learning_rate = 1e-3
-  c.codebook_init.update(start_step=3, num_batches=2, kmeans_iters=3)
+  c.codebook_init.update(start_step=3, history_steps=2, latents_per_step=0,
+                         kmeans_iters=3)
   c.loss.disc_start_step = 3
   c.eval.update(num_examples=8, batch_size=2, grid_images=2)
   c.log_every = c.eval_every = c.checkpoint_every = 3

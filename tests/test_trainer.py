@@ -91,7 +91,9 @@ def _main_cmd(workdir, *overrides):
           "--config.model.num_latents=8", "--config.model.tfm_layers=1",
           "--config.model.tfm_heads=2", "--config.model.tfm_mlp_dim=64",
           "--config.quantizer.num_codes=16", "--config.batch_size=4",
-          "--config.codebook_init.start_step=5", "--config.codebook_init.num_batches=2",
+          "--config.codebook_init.start_step=5", "--config.codebook_init.history_steps=2",
+          "--config.codebook_init.latents_per_step=0", "--config.loss.lpips_net=alexnet",
+          "--config.eval.lpips_net=alexnet", "--config.disc.ndf=8",
           "--config.eval.num_examples=8", "--config.eval.batch_size=4",
           "--config.eval_every=1000", *overrides]
 

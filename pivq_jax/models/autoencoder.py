@@ -116,6 +116,7 @@ class PIVQAutoencoder(nn.Module):
     is skipped entirely: its assignment (under matching, a Hungarian solve) would be wasted.
     """
     z_e = self.encode(x)
+    self.sow("intermediates", "z_e", z_e)  # feeds the k-means history (§3.7)
     if not quantize:
       return self.decode(z_e), None
     z_q, aux = self.quantize(z_e)

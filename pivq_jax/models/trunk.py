@@ -144,7 +144,9 @@ class Decoder(nn.Module):
         x = Upsample(self.dtype)(x)
         res *= 2
     x = _group_norm(self.norm_groups)(x)
-    # Named so the adaptive GAN weight can find the final conv's kernel (UT's "last layer").
+    # The adaptive GAN weight differentiates w.r.t. this conv's kernel (UT's "last layer"),
+    # which needs only its input: see `adversarial.last_layer_grads`.
+    self.sow("intermediates", "final_conv_input", x)
     x = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
     return x.astype(jnp.float32)
 

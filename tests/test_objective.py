@@ -1,0 +1,183 @@
+"""The full training objective inside the train step: adaptive GAN weight, GAN phases, EMA,
+the k-means codebook init from the rolling history, bf16, and the train-state round trip."""
+
+import functools
+
+from etils import epath
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from pivq_jax import config_lib
+from pivq_jax import trainer
+from pivq_jax.data import pipeline
+from pivq_jax.losses import adversarial
+from pivq_jax.losses import diffaug
+from pivq_jax.losses import lpips
+
+
+def _setup(config):
+  mesh = trainer.make_mesh(config)
+  model, disc = trainer.build_model(config), trainer.build_discriminator(config)
+  tx = trainer.build_optimizer(config)
+  state, shardings = trainer.create_train_state(model, disc, tx, config, mesh)
+  source = pipeline.make_source(config.data, "train")
+  batch = next(pipeline.train_batches(source, local_batch=config.batch_size, seed=0))
+  lp = lpips.load_lpips_params(config.loss.lpips_net)
+  step = lambda q, a: jax.jit(functools.partial(
+      trainer.train_step, model=model, disc=disc, tx=tx, config=config, quantize=q,
+      adversarial_on=a))
+  return model, disc, state, shardings, batch, lp, step
+
+
+def _trees_equal(a, b):
+  return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def test_step_adaptive_weight_equals_direct_autodiff_through_the_model(tiny):
+  model, disc, state, _, batch, lp, step = _setup(tiny)
+  _, metrics = step(True, True)(state, batch, lp)
+  # Recompute UT's weight the slow way: autograd of nll and G loss w.r.t. the kernel.
+  x = batch["image"].astype(jnp.float32) / 255.0
+  k_fake = jax.random.split(jax.random.fold_in(jax.random.key(tiny.seed), 0), 3)[0]
+
+  def x_hat_with(kernel):
+    params = jax.tree.map(lambda v: v, state.params)
+    params["decoder_trunk"]["conv_out"]["kernel"] = kernel
+    return model.apply({"params": params}, x, quantize=True)[0]
+
+  def nll(kernel):
+    x_hat = x_hat_with(kernel)
+    return jnp.mean(jnp.abs(x - x_hat)) + jnp.mean(lpips.lpips_distance(
+        lp, x_hat, x, net=tiny.loss.lpips_net, ut_unscaled_input=True))
+
+  def g(kernel):
+    fake = diffaug.diff_augment(x_hat_with(kernel), k_fake)
+    logits, _ = disc.apply({"params": state.disc_params, "batch_stats": state.disc_stats},
+                           fake, mutable=["batch_stats"])
+    return adversarial.hinge_g_loss(logits)
+
+  kernel = state.params["decoder_trunk"]["conv_out"]["kernel"]
+  w = adversarial.adaptive_weight(jax.grad(nll)(kernel), jax.grad(g)(kernel))
+  assert 0.0 < float(w) <= 1.0
+  assert float(metrics["adaptive_weight"]) == pytest.approx(float(w), rel=1e-3)
+  assert float(metrics["nll"]) == pytest.approx(float(nll(kernel)), rel=1e-5)
+
+
+def test_gan_terms_switch_on_only_from_the_start_step(tiny):
+  _, _, state, _, batch, lp, step = _setup(tiny)
+  off_state, off = step(True, False)(state, batch, lp)
+  on_state, on = step(True, True)(state, batch, lp)
+  assert "g_loss" not in off and "d_loss" in on
+  assert _trees_equal(off_state.disc_params, state.disc_params)  # D not trained before
+  assert _trees_equal(off_state.disc_opt_state, state.disc_opt_state)
+  assert not _trees_equal(on_state.disc_params, state.disc_params)
+  assert not _trees_equal(on_state.disc_stats, state.disc_stats)
+  # Same nll; the G update differs only by the adversarial term.
+  assert float(on["nll"]) == pytest.approx(float(off["nll"]), rel=1e-6)
+  assert float(on["loss"]) != pytest.approx(float(off["loss"]), rel=1e-6)
+  assert not _trees_equal(on_state.params, off_state.params)
+
+
+def test_run_switches_phases_by_step(tiny, tmp_path):
+  tiny.num_train_steps = 5
+  tiny.loss.disc_start_step = 4
+  tiny.checkpoint_every = 2
+  trainer.run(tiny, str(tmp_path / "a"))
+
+  with ocp.CheckpointManager(epath.Path(tmp_path / "a") / "checkpoints") as mngr:
+    at2, at4, at5 = (mngr.restore(s) for s in (2, 4, 5))
+  assert _trees_equal(at2["disc_params"], at4["disc_params"])  # no D update before step 4
+  assert not _trees_equal(at4["disc_params"], at5["disc_params"])
+
+
+def test_ema_is_a_decayed_average_every_n_steps(tiny):
+  tiny.ema.update(decay=0.9, every=2)
+  _, _, state, _, batch, lp, step = _setup(tiny)
+  f = step(False, False)
+  init = jax.tree.map(np.asarray, state.params)
+  s1, _ = f(state, batch, lp)
+  assert _trees_equal(s1.ema_params, init)  # step 1 of every 2: no update
+  s2, _ = f(s1, batch, lp)
+  expect = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * np.asarray(p), init, s2.params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+               s2.ema_params, expect)
+
+
+def test_history_is_a_ring_of_the_last_w_steps():
+  hist = jnp.zeros((3 * 4, 2))
+  for step in range(5):
+    z = jnp.full((1, 4, 2), float(step + 1))
+    hist = trainer._push_history(hist, z, step, jax.random.key(0), per_step=4)
+  # W = 3 slots of 4 rows: steps 3, 4 overwrote slots 0, 1; slot 2 holds step 2.
+  np.testing.assert_array_equal(hist[:, 0], [4] * 4 + [5] * 4 + [3] * 4)
+  sampled = trainer._push_history(jnp.zeros((2, 2)), jnp.arange(16.0).reshape(1, 8, 2), 0,
+                                  jax.random.key(1), per_step=2)
+  rows = {tuple(r) for r in np.asarray(sampled)}
+  assert len(rows) == 2 and rows <= {(2 * i, 2 * i + 1) for i in range(8)}
+
+
+def test_kmeans_centroids_lie_on_the_data_and_beat_random_init():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(size=(16, 8)) * 5
+  data = (centres[rng.integers(0, 16, 4000)] + 0.05 * rng.normal(size=(4000, 8)))
+  data = jnp.asarray(data, jnp.float32)
+  centroids, error, _ = jax.jit(functools.partial(trainer.fit_codebook, num_codes=16,
+                                                  iters=10))(data, jax.random.key(0))
+  # Every centroid sits on a cluster of the data, and every cluster gets one.
+  d = np.linalg.norm(np.asarray(centroids)[:, None] - centres[None], axis=-1)
+  assert d.min(axis=1).max() < 0.1
+  assert sorted(d.argmin(axis=1).tolist()) == list(range(16))
+
+  def distortion(codebook):
+    return float(jnp.mean(jnp.min(jnp.sum((data[:, None] - codebook[None]) ** 2, -1), -1)))
+
+  uniform = jax.random.uniform(jax.random.key(1), (16, 8), minval=-1 / 16, maxval=1 / 16)
+  picked = data[jax.random.choice(jax.random.key(2), data.shape[0], (16,), replace=False)]
+  assert distortion(centroids) < 0.01 * distortion(uniform)
+  assert distortion(centroids) < distortion(picked)
+
+
+def test_codebook_init_fits_the_history_and_logs_usage(tiny):
+  _, _, state, _, batch, lp, step = _setup(tiny)
+  f = step(False, False)
+  for _ in range(3):
+    state, _ = f(state, batch, lp)
+  new_state, metrics = trainer.init_codebook(state, config=tiny)
+  rows = 2 * tiny.batch_size * tiny.model.num_latents  # W=2 steps, all B*L latents
+  assert metrics["codebook/history_latents"] == rows
+  assert metrics["codebook/usage_before"] < metrics["codebook/usage_after"]
+  assert metrics["codebook/usage_after"] <= tiny.quantizer.num_codes
+  codebook = np.asarray(new_state.params["quantizer"]["codebook"])
+  np.testing.assert_array_equal(codebook, new_state.ema_params["quantizer"]["codebook"])
+  hist = np.asarray(state.history)
+  lo, hi = hist.min(axis=0), hist.max(axis=0)
+  assert np.all(codebook >= lo - 1e-5) and np.all(codebook <= hi + 1e-5)  # on the data
+
+
+def test_bfloat16_compute_keeps_float32_params(tiny):
+  tiny.model.dtype = "bfloat16"
+  _, _, state, _, batch, lp, step = _setup(tiny)
+  new, metrics = step(True, True)(state, batch, lp)
+  assert np.isfinite(float(metrics["loss"]))
+  for tree in (new.params, new.ema_params, new.disc_params):
+    assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype("float32")}
+
+
+def test_whole_train_state_round_trips_through_a_checkpoint(tiny, tmp_path):
+  model, disc, state, shardings, batch, lp, step = _setup(tiny)
+  state, _ = step(True, True)(state, batch, lp)  # every part of the state is non-trivial
+  mngr = trainer.checkpoint_manager(str(tmp_path), tiny)
+
+  mngr.save(1, args=ocp.args.StandardSave(state))
+  mngr.wait_until_finished()
+  fresh, _ = trainer.create_train_state(
+      model, disc, trainer.build_optimizer(tiny), tiny, trainer.make_mesh(tiny))
+  restored = trainer.restore_or_keep(mngr, fresh, shardings)
+  assert jax.tree.structure(restored) == jax.tree.structure(state)
+  for name in ("step", "params", "ema_params", "opt_state", "disc_params", "disc_stats",
+               "disc_opt_state", "history"):
+    assert _trees_equal(getattr(restored, name), getattr(state, name)), name
+  assert not _trees_equal(fresh.disc_params, state.disc_params)
