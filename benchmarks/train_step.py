@@ -1,10 +1,17 @@
-"""Train-step time and FLOP rate, side by side in one run, on the same batch.
+"""Where a train step's time goes: autoencoder forward/backward, quantizer, LPIPS, GAN.
 
-  python benchmarks/train_step.py [--config=configs/faces.py] [--steps=20] [--out=step.json]
+  python benchmarks/train_step.py [--configs=configs/faces.py,configs/celeba64.py]
+      [--steps=10] [--out=step.json]
 
-Variants of the given config: nearest vs matching (exact host Hungarian) quantization, each
-before and after T_q. Prints ms/step, steps/s, XLA's FLOP count per step and the achieved
-GFLOP/s, and the ratio of each variant to the first.
+For each config, four cumulative variants of the real `trainer.train_step` run side by side
+on the same random batch at the config's sizes:
+  1. autoencoder forward/backward with the L1 loss only (quantizer off, as before T_q);
+  2. + the quantizer (assignment, VQ losses, straight-through);
+  3. + LPIPS (the config's net; forward on both images, backward through the fake);
+  4. + the GAN terms: D on the augmented fake for G, the adaptive weight, and the D step.
+Each row prints ms/step, XLA's FLOPs, and its increment over the row above, which is that
+component's cost inside the fused step. For configs training with LPIPS-AlexNet (faces.py)
+a fifth row swaps in the paper's VGG16.
 """
 
 import functools
@@ -18,9 +25,11 @@ import jax
 import numpy as np
 
 from pivq_jax import trainer
+from pivq_jax.losses import lpips
 
-_CONFIG = flags.DEFINE_string("config", "configs/faces.py", "Config file.")
-_STEPS = flags.DEFINE_integer("steps", 20, "Timed steps per variant.")
+_CONFIGS = flags.DEFINE_list("configs", ["configs/faces.py", "configs/celeba64.py"],
+                             "Config files.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps per variant.")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON output path.")
 
 
@@ -31,51 +40,73 @@ def _load(path):
   return module.get_config()
 
 
-def time_variant(config, batch, steps, *, quantized: bool):
+def time_variant(config, batch, steps, *, quantize: bool, adversarial_on: bool):
   mesh = trainer.make_mesh(config)
-  model, tx = trainer.build_model(config), trainer.build_optimizer(config)
-  state, _ = trainer.create_train_state(model, tx, config, mesh)
-  step = jax.jit(functools.partial(trainer.train_step, model=model, tx=tx, config=config,
-                                   quantize=quantized), donate_argnums=0)
-  compiled = step.lower(state, batch).compile()
+  model, disc = trainer.build_model(config), trainer.build_discriminator(config)
+  tx = trainer.build_optimizer(config)
+  state, _ = trainer.create_train_state(model, disc, tx, config, mesh)
+  lp = lpips.load_lpips_params(config.loss.lpips_net) if config.loss.lpips_weight else None
+  step = jax.jit(functools.partial(trainer.train_step, model=model, disc=disc, tx=tx,
+                                   config=config, quantize=quantize,
+                                   adversarial_on=adversarial_on), donate_argnums=0)
+  compiled = step.lower(state, batch, lp).compile()
   cost = compiled.cost_analysis()
   flops = float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
-  state, m = step(state, batch)
+  state, m = step(state, batch, lp)  # warm-up
   jax.block_until_ready(m)
   start = time.perf_counter()
   for _ in range(steps):
-    state, m = step(state, batch)
+    state, m = step(state, batch, lp)
   jax.block_until_ready(m)
   dt = (time.perf_counter() - start) / steps
-  return {"ms_per_step": 1e3 * dt, "steps_per_s": 1 / dt, "gflops_per_step": flops / 1e9,
-          "gflops_per_s": flops / 1e9 / dt}
+  return {"ms_per_step": 1e3 * dt, "gflops_per_step": flops / 1e9}
 
 
-def main(_):
-  base = _load(_CONFIG.value)
+def breakdown(path, steps):
+  base = _load(path)
   r = base.data.resolution
   rng = np.random.default_rng(0)
   batch = {"image": jax.numpy.asarray(rng.integers(0, 256, (base.batch_size, r, r, 3),
                                                    dtype=np.uint8))}
-  rows = {}
-  for assignment in ("nearest", "matching"):
-    for quantized in (False, True):
-      c = base.copy_and_resolve_references()
-      c.quantizer.assignment = assignment
-      c.quantizer.solver = "hungarian"
-      rows[f"{assignment}/{'quantized' if quantized else 'pre-T_q'}"] = time_variant(
-          c, batch, _STEPS.value, quantized=quantized)
-  first = next(iter(rows.values()))["ms_per_step"]
-  print(f"{jax.devices()[0].device_kind}, {_CONFIG.value}, batch {base.batch_size}")
-  print(f"{'variant':28s} {'ms/step':>9s} {'steps/s':>8s} {'GFLOP':>8s} {'GFLOP/s':>8s} "
-        f"{'ratio':>6s}")
-  for name, row in rows.items():
-    print(f"{name:28s} {row['ms_per_step']:9.1f} {row['steps_per_s']:8.2f} "
-          f"{row['gflops_per_step']:8.2f} {row['gflops_per_s']:8.1f} "
-          f"{row['ms_per_step'] / first:6.2f}")
+
+  def variant(lpips_weight, lpips_net=None):
+    c = base.copy_and_resolve_references()
+    c.loss.lpips_weight = lpips_weight
+    c.loss.lpips_net = lpips_net or base.loss.lpips_net
+    c.loss.adversarial_weight = 1.0
+    return c
+
+  rows = {
+      "1 AE fwd/bwd (L1)": (variant(0.0), False, False),
+      "2 + quantizer": (variant(0.0), True, False),
+      f"3 + LPIPS ({base.loss.lpips_net})": (variant(1.0), True, False),
+      "4 + GAN (G term, D step)": (variant(1.0), True, True),
+  }
+  if base.loss.lpips_net != "vgg16":
+    rows["5 = 4 with LPIPS vgg16"] = (variant(1.0, "vgg16"), True, True)
+  out = {name: time_variant(c, batch, steps, quantize=q, adversarial_on=a)
+         for name, (c, q, a) in rows.items()}
+  print(f"\n{jax.devices()[0].device_kind}, {path}: batch {base.batch_size} at {r}px, "
+        f"{base.quantizer.assignment} ({base.quantizer.solver}), L={base.model.num_latents}, "
+        f"K={base.quantizer.num_codes}, D ndf={base.disc.ndf}")
+  print(f"{'variant':28s} {'ms/step':>9s} {'GFLOP':>9s} {'+ms':>8s} {'share':>6s}")
+  prev, total = 0.0, out["4 + GAN (G term, D step)"]["ms_per_step"]
+  for name, row in out.items():
+    inc = row["ms_per_step"] - (prev if not name.startswith("5") else 0.0)
+    if name.startswith("5"):
+      print(f"{name:28s} {row['ms_per_step']:9.1f} {row['gflops_per_step']:9.2f}")
+    else:
+      print(f"{name:28s} {row['ms_per_step']:9.1f} {row['gflops_per_step']:9.2f} "
+            f"{inc:8.1f} {inc / total:6.0%}")
+      prev = row["ms_per_step"]
+  return out
+
+
+def main(_):
+  results = {path: breakdown(path, _STEPS.value) for path in _CONFIGS.value}
   if _OUT.value:
     with open(_OUT.value, "w") as f:
-      json.dump(rows, f, indent=2)
+      json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,13 @@ def get_config(arg: str | None = None):
   c.batch_size = 16
   c.num_train_steps = 400_000
   c.optim.learning_rate = 4.5e-6 * c.batch_size
-  c.codebook_init.start_step = 25_000
-  c.loss.update(lpips_weight=1.0, adversarial_weight=1.0, disc_start_step=100_000)
+  # T_q and the GAN start from the paper; W, the sample per step and the re-inits are
+  # choices (as in config_lib.paper_256px).
+  c.codebook_init.update(start_step=25_000, history_steps=2000, latents_per_step=32,
+                         reinit_steps=(27_000, 29_000))
+  c.loss.update(lpips_weight=1.0, lpips_net="vgg16", adversarial_weight=1.0,
+                disc_start_step=100_000)
+  c.ema.update(decay=0.995, every=10)
   c.eval.num_examples = 10_000
   c.eval.batch_size = 64
   c.log_every = 100

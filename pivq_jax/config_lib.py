@@ -180,8 +180,14 @@ def paper_256px(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.batch_size = 4
   c.num_train_steps = 1_400_000
   c.optim.learning_rate = 4.5e-6 * c.batch_size
-  c.codebook_init.start_step = 60_000
-  c.loss.update(lpips_weight=1.0, adversarial_weight=1.0, disc_start_step=500_000)
+  # T_q from the paper; W, the per-step sample and two re-inits are choices (§3.7 says the
+  # codebook is re-initialised "more than once" over successive windows of W iterations).
+  # The history is 2000 x 32 latents x D=256 floats = 65 MB, replicated.
+  c.codebook_init.update(start_step=60_000, history_steps=2000, latents_per_step=32,
+                         reinit_steps=(62_000, 64_000))
+  c.loss.update(lpips_weight=1.0, lpips_net="vgg16", adversarial_weight=1.0,
+                disc_start_step=500_000)
+  c.ema.update(decay=0.995, every=10)
   c.eval.num_examples = 3000
   c.eval.batch_size = 8
   c.log_every = 100
@@ -201,7 +207,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.num_train_steps = 6
   c.optim.learning_rate = 1e-3
   c.codebook_init.update(start_step=3, history_steps=2, latents_per_step=0,
-                         kmeans_iters=3)
+                         kmeans_iters=3, reinit_steps=(5,))
   c.loss.disc_start_step = 3
   c.eval.update(num_examples=8, batch_size=2, grid_images=2)
   c.log_every = c.eval_every = c.checkpoint_every = 3

@@ -2,10 +2,20 @@
 
 import importlib.util
 import os
+import tempfile
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Many tests compile the same tiny train state and steps; a session-wide persistent
+# compilation cache turns the repeats into loads (executables with host callbacks, such as
+# the exact Hungarian, are never cached and still compile). Subprocess tests inherit it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pivq_jax_cache_"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def load_config(name: str, arg: str | None = None):

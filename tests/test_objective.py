@@ -10,7 +10,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pivq_jax import config_lib
 from pivq_jax import trainer
 from pivq_jax.data import pipeline
 from pivq_jax.losses import adversarial
@@ -145,14 +144,24 @@ def test_codebook_init_fits_the_history_and_logs_usage(tiny):
   f = step(False, False)
   for _ in range(3):
     state, _ = f(state, batch, lp)
+  hist = np.asarray(state.history)
+
+  def distortion(codebook):
+    return float(np.min(((hist[:, None] - np.asarray(codebook)[None]) ** 2).sum(-1), -1).mean())
+
   new_state, metrics = trainer.init_codebook(state, config=tiny)
+  assert distortion(new_state.params["quantizer"]["codebook"]) < 0.5 * distortion(
+      state.params["quantizer"]["codebook"])
+  assert metrics["codebook/kmeans_distortion"] > 0
+  # Everything but the codebook is untouched.
+  enc = lambda s: s.params["encoder_trunk"]
+  assert _trees_equal(enc(state), enc(new_state))
   rows = 2 * tiny.batch_size * tiny.model.num_latents  # W=2 steps, all B*L latents
   assert metrics["codebook/history_latents"] == rows
   assert metrics["codebook/usage_before"] < metrics["codebook/usage_after"]
   assert metrics["codebook/usage_after"] <= tiny.quantizer.num_codes
   codebook = np.asarray(new_state.params["quantizer"]["codebook"])
   np.testing.assert_array_equal(codebook, new_state.ema_params["quantizer"]["codebook"])
-  hist = np.asarray(state.history)
   lo, hi = hist.min(axis=0), hist.max(axis=0)
   assert np.all(codebook >= lo - 1e-5) and np.all(codebook <= hi + 1e-5)  # on the data
 

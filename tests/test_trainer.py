@@ -154,38 +154,6 @@ def test_relative_workdir(tiny, tmp_path, monkeypatch):
   assert (tmp_path / "relative" / "run" / "checkpoints" / "3").is_dir()
 
 
-def test_codebook_init_fits_the_encoder_latents(tiny):
-  from pivq_jax.data import pipeline
-  from pivq_jax.quantizers import vq
-  mesh = trainer.make_mesh(tiny)
-  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  model, tx = trainer.build_model(tiny), trainer.build_optimizer(tiny)
-  state, _ = trainer.create_train_state(model, tx, tiny, mesh)
-  source = pipeline.make_source(tiny.data, "train")
-  batches = [next(pipeline.train_batches(source, local_batch=4, seed=0, start_step=s))
-             for s in range(2)]
-  latents = np.concatenate([
-      model.apply({"params": state.params}, b["image"] / 255.0, method="encode")
-      .reshape(-1, tiny.model.emb_dim) for b in batches])
-
-  def distortion(codebook):
-    d2 = vq.squared_distances(latents[None], codebook)[0]
-    return float(np.mean(np.min(d2, axis=-1)))
-
-  before = distortion(state.params["quantizer"]["codebook"])
-  new = trainer.init_codebook(state, batches, model=model, config=tiny, sharding=sharding)
-  codebook = np.asarray(new.params["quantizer"]["codebook"])
-  assert distortion(codebook) < 0.5 * before
-  np.testing.assert_array_equal(codebook, new.ema_params["quantizer"]["codebook"])
-  # Centroids are means of latents, so they lie inside the latents' bounding box.
-  assert np.all(codebook >= latents.min(0) - 1e-5)
-  assert np.all(codebook <= latents.max(0) + 1e-5)
-  # Everything but the codebook is untouched.
-  enc = lambda s: s.params["encoder_trunk"]
-  jax.tree.map(np.testing.assert_array_equal, enc(state), enc(new))
-
-
-@pytest.mark.parametrize("solver", ["hungarian", "auction"])
 def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
   tiny.quantizer.solver = solver
