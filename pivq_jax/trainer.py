@@ -141,10 +141,16 @@ def restore_or_keep(mngr, state, shardings):
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
   logging.info("Resuming from checkpoint step %d in %s", step, mngr.directory)
-  return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  try:
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+  except (ValueError, KeyError, TypeError) as e:  # another train-state layout
+    raise config_lib.ConfigError(
+        f"The checkpoint at step {step} in {mngr.directory} does not fit this config's train "
+        f"state ({type(e).__name__}); use a new --workdir or the config it was trained "
+        "with.") from e
 
 
-_IDENTITY_SECTIONS = ("data", "model", "quantizer")
+_IDENTITY_SECTIONS = ("data", "model", "quantizer", "disc")
 
 
 def check_workdir_config(workdir, config) -> None:
@@ -413,11 +419,12 @@ def init_codebook(state: TrainState, *, config) -> tuple[TrainState, dict[str, f
   metrics = {"codebook/usage_before": int(usage(latents,
                                                 state.params["quantizer"]["codebook"])),
              "codebook/usage_after": int(usage(latents, codebook)),
-             "codebook/kmeans_distortion": float(error),
+             # ott reports the summed squared distance; per latent reads across configs.
+             "codebook/kmeans_distortion": float(error) / rows,
              "codebook/history_latents": rows}
   logging.info("Codebook init at step %d: k-means++ and %d Lloyd iterations on %d latents "
-               "of the last %d steps; distortion %.4g; usage %d -> %d of %d codes.", step,
-               int(iters), rows, rows // per_step, float(error),
+               "of the last %d steps; distortion %.4g per latent; usage %d -> %d of %d codes.",
+               step, int(iters), rows, rows // per_step, float(error) / rows,
                metrics["codebook/usage_before"], metrics["codebook/usage_after"],
                config.quantizer.num_codes)
 

@@ -42,8 +42,28 @@ def test_paper_hyperparameters():
   assert (c64.data.resolution, c64.model.emb_dim, c64.model.tfm_mlp_dim) == (64, 128, 512)
   assert (c64.batch_size, c64.num_train_steps) == (16, 400_000)
   assert (c64.loss.disc_start_step, c64.codebook_init.start_step) == (100_000, 25_000)
+  for c in (hq, ffhq, c64):
+    # The full objective (spec §3): L1 + LPIPS-VGG (weight 1) + PatchGAN with UT's
+    # adaptive weight, DiffAug colour + translation at 0.125, Adam (0.9, 0.999).
+    assert (c.loss.l1_weight, c.loss.lpips_weight, c.loss.lpips_net) == (1.0, 1.0, "vgg16")
+    assert c.loss.lpips_ut_input and c.loss.adversarial_weight == 1.0
+    assert (c.disc.ndf, c.disc.n_layers, c.disc.diffaug) == (64, 3, "color,translation")
+    assert c.disc.translation_ratio == 0.125
+    assert (c.optim.b1, c.optim.b2, c.optim.warmup_steps) == (0.9, 0.999, 0)
+    assert (c.ema.decay, c.ema.every) == (0.995, 10)
+    assert len(c.codebook_init.reinit_steps) >= 2  # "more than once" (§3.7)
+    assert min(c.codebook_init.reinit_steps) > c.codebook_init.start_step
+  assert c64.optim.learning_rate == pytest.approx(4.5e-6 * 16)
   assert hq.data.name == "celebahq" and ffhq.data.name == "image_folder"
   assert c64.data.name == "celeba"
+
+
+def test_faces_passes_through_every_training_phase():
+  c = load_config("faces")
+  ci, steps = c.codebook_init, c.num_train_steps
+  assert 0 < ci.start_step < min(ci.reinit_steps) < c.loss.disc_start_step < steps
+  assert c.loss.lpips_weight > 0 and c.loss.adversarial_weight > 0
+  config_lib.check_config(c, num_devices=1)
 
 
 def test_unknown_config_argument():

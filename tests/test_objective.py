@@ -36,7 +36,13 @@ def _trees_equal(a, b):
 
 
 def test_step_adaptive_weight_equals_direct_autodiff_through_the_model(tiny):
+  tiny.loss.adversarial_weight = 0.5
   model, disc, state, _, batch, lp, step = _setup(tiny)
+  # A steeper D output makes ||dL_G/dW|| large, so the ratio is below the clamp at 1 and
+  # the comparison is sensitive to it.
+  disc_params = jax.tree.map(lambda v: v, state.disc_params)
+  disc_params["Conv_4"]["kernel"] = disc_params["Conv_4"]["kernel"] * 30.0
+  state = state.replace(disc_params=disc_params)
   _, metrics = step(True, True)(state, batch, lp)
   # Recompute UT's weight the slow way: autograd of nll and G loss w.r.t. the kernel.
   x = batch["image"].astype(jnp.float32) / 255.0
@@ -60,8 +66,8 @@ def test_step_adaptive_weight_equals_direct_autodiff_through_the_model(tiny):
 
   kernel = state.params["decoder_trunk"]["conv_out"]["kernel"]
   w = adversarial.adaptive_weight(jax.grad(nll)(kernel), jax.grad(g)(kernel))
-  assert 0.0 < float(w) <= 1.0
-  assert float(metrics["adaptive_weight"]) == pytest.approx(float(w), rel=1e-3)
+  assert 0.01 < float(w) < 0.99
+  assert float(metrics["adaptive_weight"]) == pytest.approx(0.5 * float(w), rel=1e-3)
   assert float(metrics["nll"]) == pytest.approx(float(nll(kernel)), rel=1e-5)
 
 
@@ -152,7 +158,8 @@ def test_codebook_init_fits_the_history_and_logs_usage(tiny):
   new_state, metrics = trainer.init_codebook(state, config=tiny)
   assert distortion(new_state.params["quantizer"]["codebook"]) < 0.5 * distortion(
       state.params["quantizer"]["codebook"])
-  assert metrics["codebook/kmeans_distortion"] > 0
+  assert metrics["codebook/kmeans_distortion"] == pytest.approx(
+      distortion(new_state.params["quantizer"]["codebook"]), rel=0.05)
   # Everything but the codebook is untouched.
   enc = lambda s: s.params["encoder_trunk"]
   assert _trees_equal(enc(state), enc(new_state))

@@ -74,6 +74,16 @@ def test_workdir_with_another_config_is_refused(tiny, tmp_path):
   assert "\n" not in str(e.value)
 
 
+def test_checkpoint_of_another_train_state_layout_is_refused(tiny, tmp_path):
+  tiny.num_train_steps = 3
+  trainer.run(tiny, str(tmp_path / "a"))
+  tiny.codebook_init.history_steps = 3  # a different history buffer in the train state
+  tiny.num_train_steps = 6
+  with pytest.raises(config_lib.ConfigError, match="does not fit this config") as e:
+    trainer.run(tiny, str(tmp_path / "a"))
+  assert "\n" not in str(e.value)
+
+
 def test_eval_mode_needs_a_checkpoint(tiny, tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     trainer.run(tiny, str(tmp_path / "empty"), mode="eval")
@@ -154,6 +164,7 @@ def test_relative_workdir(tiny, tmp_path, monkeypatch):
   assert (tmp_path / "relative" / "run" / "checkpoints" / "3").is_dir()
 
 
+@pytest.mark.parametrize("solver", ["hungarian", "auction"])
 def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
   tiny.quantizer.solver = solver
