@@ -131,7 +131,8 @@ def checkpoint_manager(workdir, config) -> ocp.CheckpointManager:
   # Orbax writes each step to a temporary directory and renames it when complete, so a
   # killed run never leaves a checkpoint that looks whole but is not.
   options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options)
+  return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
+                               item_handlers=ocp.StandardCheckpointHandler())
 
 
 def restore_or_keep(mngr, state, shardings):
@@ -141,13 +142,23 @@ def restore_or_keep(mngr, state, shardings):
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
   logging.info("Resuming from checkpoint step %d in %s", step, mngr.directory)
+  mismatch = _layout_error(mngr, step)
+  saved = mngr.item_metadata(step)
+  saved = saved.tree if hasattr(saved, "tree") else saved
+  shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
+  # Compare leaf shapes first: a failed orbax restore leaves its reads dangling.
+  if saved is not None and shapes(saved) != shapes(abstract):
+    raise mismatch
   try:
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:  # another train-state layout
-    raise config_lib.ConfigError(
-        f"The checkpoint at step {step} in {mngr.directory} does not fit this config's train "
-        f"state ({type(e).__name__}); use a new --workdir or the config it was trained "
-        "with.") from e
+  except (ValueError, KeyError, TypeError) as e:  # another layout with the same shapes
+    raise mismatch from e
+
+
+def _layout_error(mngr, step):
+  return config_lib.ConfigError(
+      f"The checkpoint at step {step} in {mngr.directory} does not fit this config's train "
+      "state (its arrays differ); use a new --workdir or the config it was trained with.")
 
 
 _IDENTITY_SECTIONS = ("data", "model", "quantizer", "disc")
