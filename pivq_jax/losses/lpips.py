@@ -139,17 +139,22 @@ class LPIPS(nn.Module):
     if x.shape != y.shape or x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"LPIPS wants two [B, H, W, 3] images of one shape, got {x.shape} "
                        f"and {y.shape}.")
-    batch = x.shape[0]
-    # One backbone pass over both images halves the number of (large) conv launches.
-    z = jnp.concatenate([x, y]).astype(jnp.float32)
-    if not self.ut_unscaled_input:
-      z = 2.0 * z - 1.0
-    z = (z - jnp.asarray(_SHIFT, jnp.float32)) / jnp.asarray(_SCALE, jnp.float32)
-    features = _backbone(self.net)(dtype=self.dtype, name="features")(z)
-    total = jnp.zeros((batch,), jnp.float32)
-    for i, f in enumerate(features):
-      f = _unit_normalize(f.astype(jnp.float32))
-      total = total + _LinearHead(name=f"lin{i}")(jnp.square(f[:batch] - f[batch:]))
+    def scale(z):
+      z = z.astype(jnp.float32)
+      if not self.ut_unscaled_input:
+        z = 2.0 * z - 1.0
+      return (z - jnp.asarray(_SHIFT, jnp.float32)) / jnp.asarray(_SCALE, jnp.float32)
+
+    # Two passes of one backbone rather than one pass over [x; y]: a training loss
+    # differentiates only the reconstruction, and a separate pass over the target needs no
+    # backward at all (with one concatenated pass it would get input gradients for nothing).
+    backbone = _backbone(self.net)(dtype=self.dtype, name="features")
+    features_x, features_y = backbone(scale(x)), backbone(scale(y))
+    total = jnp.zeros((x.shape[0],), jnp.float32)
+    for i, (fx, fy) in enumerate(zip(features_x, features_y)):
+      fx = _unit_normalize(fx.astype(jnp.float32))
+      fy = _unit_normalize(fy.astype(jnp.float32))
+      total = total + _LinearHead(name=f"lin{i}")(jnp.square(fx - fy))
     return total
 
 
