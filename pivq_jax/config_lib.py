@@ -95,6 +95,12 @@ def base_config() -> ml_collections.ConfigDict:
   # Held-out LPIPS with the official input convention ([-1,1]), EMA params only; "" = off.
   c.eval.lpips_net = "vgg16"
 
+  # --mode=sample: interpolation samples (paper §3.5) from random training pairs.
+  c.sample = ml_collections.ConfigDict()
+  c.sample.num_images = 64  # FID in the paper uses 50k (30k for CelebA-HQ)
+  c.sample.batch_size = 16  # global
+  c.sample.grid_images = 8  # pairs shown in the PNG grid (A, B, sample)
+
   c.log_every = 50
   c.eval_every = 1000
   c.checkpoint_every = 1000
@@ -133,7 +139,8 @@ def check_config(config, *, num_devices: int) -> None:
                       f"down-sampling factor {factor} (ch_mult={tuple(m.ch_mult)}); pick a "
                       f"resolution that is a multiple of {factor}.")
   for name, batch in (("batch_size", config.batch_size),
-                      ("eval.batch_size", config.eval.batch_size)):
+                      ("eval.batch_size", config.eval.batch_size),
+                      ("sample.batch_size", config.sample.batch_size)):
     if batch % num_devices:
       raise ConfigError(f"Global {name}={batch} is not divisible by the {num_devices} "
                         f"devices; use a multiple of {num_devices}.")

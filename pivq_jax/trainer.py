@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from ott.tools import k_means
 
 from pivq_jax import config_lib
+from pivq_jax import sampling
 from pivq_jax import visualize
 from pivq_jax.data import pipeline
 from pivq_jax.evaluation import capacity
@@ -36,7 +37,7 @@ from pivq_jax.models import autoencoder
 from pivq_jax.models import discriminator
 from pivq_jax.quantizers import vq
 
-MODES = ("train", "eval")
+MODES = ("train", "eval", "sample")
 
 
 # ----------------------------------------------------------------------------------------
@@ -449,6 +450,66 @@ def init_codebook(state: TrainState, *, config) -> tuple[TrainState, dict[str, f
 
 
 # ----------------------------------------------------------------------------------------
+# Sampling (paper §3.5): novel images from two training images' code sets, one decoder
+# pass each and no learned prior.
+# ----------------------------------------------------------------------------------------
+def sample_step(params, batch_a, batch_b, key, *, model):
+  """Two batches of images -> (their code sets, the samples' code sets, decoded samples)."""
+  encode = lambda b: model.apply({"params": params}, _images(b), method="encode_to_indices")
+  codes_a, codes_b = encode(batch_a), encode(batch_b)
+  keys = jax.random.split(key, codes_a.shape[0])
+  draw = functools.partial(sampling.interpolation_sample, num_codes=model.quantizer.num_codes)
+  codes = jax.vmap(draw)(codes_a, codes_b, keys)
+  return codes_a, codes_b, codes, model.apply({"params": params}, codes,
+                                              method="decode_indices")
+
+
+def write_array(path, array: np.ndarray) -> None:
+  """np.save under a temporary name, then rename: never a half-written file."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  with tmp.open("wb") as f:
+    np.save(f, array)
+  tmp.replace(path)
+
+
+def run_sample(state, config, workdir, source, sharding, writer) -> dict:
+  """Writes samples/<step>/samples.npy (uint8 [N, R, R, 3], for FID) and a PNG grid."""
+  step, sc = int(state.step), config.sample
+  model = build_model(config)
+  fn = jax.jit(functools.partial(sample_step, model=model))
+  rng = np.random.default_rng(config.seed)  # the same pairs for every checkpoint
+  pairs = rng.integers(0, len(source), (sc.num_images, 2))
+  images, codes, first = [], [], None
+  for start in range(0, sc.num_images, sc.batch_size):
+    chunk = pairs[start:start + sc.batch_size]
+    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], sc.batch_size - len(chunk), 0)])
+    local = chunk.reshape(jax.process_count(), -1, 2)[jax.process_index()]  # this host's
+    batch = lambda col: global_batch(
+        {"image": np.stack([source[int(i)]["image"] for i in local[:, col]])}, sharding)
+    key = jax.random.fold_in(jax.random.key(config.seed), start)
+    out = jax.device_get(fn(state.ema_params, batch(0), batch(1), key))
+    n = min(sc.batch_size, sc.num_images - start)
+    images.append(visualize.to_uint8(out[3][:n]))
+    codes.append(np.asarray(out[2][:n]))
+    if first is None:
+      first = [np.asarray(batch(c)["image"])[:sc.grid_images] for c in (0, 1)]
+      first.append(images[0][:sc.grid_images])
+  images, codes = np.concatenate(images), np.concatenate(codes)
+  out_dir = epath.Path(workdir) / "samples" / f"{step:08d}"
+  write_array(out_dir / "samples.npy", images)
+  write_array(out_dir / "codes.npy", codes)
+  image = visualize.grid(first)
+  visualize.save_png(epath.Path(workdir) / "images" / f"samples_{step:08d}.png", image)
+  writer.write_images(step, {"sample/interpolation": image[None]})
+  distinct = np.array([len(set(c.tolist())) for c in codes])
+  logging.info("Wrote %d interpolation samples of step %d to %s.", len(images), step, out_dir)
+  return {"sample/num_images": len(images), "sample/distinct_codes_min": int(distinct.min()),
+          "sample/distinct_codes_max": int(distinct.max())}
+
+
+# ----------------------------------------------------------------------------------------
 # Entry point shared by every mode.
 # ----------------------------------------------------------------------------------------
 class _Preemption:
@@ -471,6 +532,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   """Runs `mode` and returns its final metrics."""
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
+  if mode == "sample" and config.quantizer.assignment != "matching":
+    raise config_lib.ConfigError(
+        "Interpolation sampling needs code sets of L distinct codes, which only "
+        "quantizer.assignment='matching' guarantees; sample from a matching run.")
   if "://" not in workdir:  # orbax needs absolute paths; users type relative ones
     workdir = os.path.abspath(workdir)
   preemption = _Preemption()  # first: a SIGTERM during set-up or compiling still saves
@@ -534,6 +599,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     writer.write_scalars(step, results)
     writer.flush()
     return results
+
+  if mode == "sample":
+    if mngr.latest_step() is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first with "
+                              "--mode=train or point --workdir at a trained run.")
+    if start_step < config.codebook_init.start_step:
+      raise config_lib.ConfigError(
+          f"The checkpoint at step {start_step} predates quantization (T_q = "
+          f"{config.codebook_init.start_step}), so it has no code sets; train past T_q.")
+    return run_sample(state, config, workdir, train_source, data_sharding, writer)
 
   if mode == "eval":
     if mngr.latest_step() is None:

@@ -84,6 +84,27 @@ def test_checkpoint_of_another_train_state_layout_is_refused(tiny, tmp_path):
   assert "\n" not in str(e.value)
 
 
+def test_sample_mode_writes_interpolation_samples(tiny, tmp_path):
+  workdir = str(tmp_path / "a")
+  with pytest.raises(FileNotFoundError, match="No checkpoint"):
+    trainer.run(tiny, workdir, mode="sample")
+  trainer.run(tiny, workdir)
+  tiny.sample.update(num_images=10, batch_size=4, grid_images=3)  # a partial last batch
+  results = trainer.run(tiny, workdir, mode="sample")
+  images = np.load(os.path.join(workdir, "samples", "00000006", "samples.npy"))
+  codes = np.load(os.path.join(workdir, "samples", "00000006", "codes.npy"))
+  assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
+  assert codes.shape == (10, tiny.model.num_latents)
+  assert all(len(set(c.tolist())) == tiny.model.num_latents for c in codes)
+  assert results["sample/distinct_codes_min"] == tiny.model.num_latents
+  assert os.path.exists(os.path.join(workdir, "images", "samples_00000006.png"))
+  assert not any(f.endswith(".tmp") for f in os.listdir(os.path.join(workdir, "samples",
+                                                                        "00000006")))
+  tiny.quantizer.assignment = "nearest"
+  with pytest.raises(config_lib.ConfigError, match="matching"):
+    trainer.run(tiny, str(tmp_path / "b"), mode="sample")
+
+
 def test_eval_mode_needs_a_checkpoint(tiny, tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     trainer.run(tiny, str(tmp_path / "empty"), mode="eval")
