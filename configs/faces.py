@@ -52,8 +52,8 @@ def get_config(arg: str | None = None):
   c.codebook_init.history_steps = 32  # W
   c.codebook_init.latents_per_step = 0  # all 8 x 32 latents of each step
   c.codebook_init.reinit_steps = (1200,)
-  # LPIPS with AlexNet features: VGG16 (the paper's) would triple the step on this CPU
-  # (585 vs 201 ms, benchmarks/train_step.py); eval still reports LPIPS-VGG.
+  # LPIPS with AlexNet features: VGG16 (the paper's) would 2.5x the step on this CPU
+  # (466 vs 184 ms, benchmarks/train_step.py); eval still reports LPIPS-VGG.
   c.loss.lpips_net = "alexnet"
   c.loss.disc_start_step = 1600
   # UT's discriminator weight is 1.0; at this run's 8x higher lr it threw train PSNR from
