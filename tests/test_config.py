@@ -123,3 +123,14 @@ def test_too_few_latents_for_the_codebook_kmeans(tiny):
   tiny.codebook_init.history_steps = 1
   tiny.quantizer.num_codes = 64  # 1 step x 4 images x 8 latents = 32 < 64
   assert "fewer than the K=64 codes" in _check(tiny)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("loss.lpips_net", "vgg19", "loss.lpips_net is 'vgg19'"),
+    ("eval.lpips_net", "squeeze", "eval.lpips_net is 'squeeze'"),
+    ("disc.diffaug", "color,cutout", "disc.diffaug is 'color,cutout'"),
+])
+def test_objective_fields_are_checked(tiny, field, value, expected):
+  section, name = field.split(".")
+  tiny[section][name] = value
+  assert expected in _check(tiny)
