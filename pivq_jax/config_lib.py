@@ -103,6 +103,24 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample.batch_size = 16  # global
   c.sample.grid_images = 8  # pairs shown in the PNG grid (A, B, sample)
 
+  # --mode=interpolate: smooth paths (paper §3.5) between chosen images.
+  c.interpolate = ml_collections.ConfigDict()
+  # "a,b;c,d": endpoints as indices into interpolate.split or image file paths; "" picks
+  # num_random_pairs random pairs.
+  c.interpolate.pairs = ""
+  c.interpolate.split = "test"
+  c.interpolate.num_random_pairs = 4
+  c.interpolate.paths_per_pair = 2  # each is another random order of the swaps
+  c.interpolate.frames = 10  # decoded steps per path, evenly spaced from A (t=0) to B (t=n)
+
+  # --mode=export: every image's code set to sharded TFRecords (schema in pivq_jax/export.py).
+  c.export = ml_collections.ConfigDict()
+  c.export.split = "train"
+  c.export.dir = ""  # "" = <workdir>/export/<split>
+  c.export.shard_size = 8192  # records per shard (choice)
+  c.export.batch_size = 64  # global
+  c.export.num_examples = 0  # 0 = the whole split
+
   c.log_every = 50
   c.eval_every = 1000
   c.checkpoint_every = 1000
@@ -138,7 +156,8 @@ def check_config(config, *, num_devices: int) -> None:
                       f"resolution that is a multiple of {factor}.")
   for name, batch in (("batch_size", config.batch_size),
                       ("eval.batch_size", config.eval.batch_size),
-                      ("sample.batch_size", config.sample.batch_size)):
+                      ("sample.batch_size", config.sample.batch_size),
+                      ("export.batch_size", config.export.batch_size)):
     if batch % num_devices:
       raise ConfigError(f"Global {name}={batch} is not divisible by the {num_devices} "
                         f"devices; use a multiple of {num_devices}.")
@@ -174,6 +193,18 @@ def check_config(config, *, num_devices: int) -> None:
                       "'color,translation' (or a subset, or '' for none).")
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")
+  for name in ("interpolate.split", "export.split"):
+    if config[name.split(".")[0]].split not in ("train", "test"):
+      raise ConfigError(f"{name} is {config[name.split('.')[0]].split!r}; use 'train' or "
+                        "'test'.")
+  ip = config.interpolate
+  if ip.frames < 2 or ip.paths_per_pair < 1 or (not ip.pairs and ip.num_random_pairs < 1):
+    raise ConfigError(f"interpolate needs frames >= 2, paths_per_pair >= 1 and pairs to "
+                      f"draw (got {ip.frames}, {ip.paths_per_pair}, "
+                      f"{ip.num_random_pairs}); raise them.")
+  if config.export.shard_size < 1:
+    raise ConfigError(f"export.shard_size is {config.export.shard_size}; use a positive "
+                      "number of records per shard.")
 
 
 def paper_256px(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

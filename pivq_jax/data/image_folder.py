@@ -122,6 +122,24 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
+def _decode(path: str, resolution: int) -> np.ndarray:
+  with Image.open(path, formats=_PIL_FORMATS) as image:
+    image.load()  # Decodes now, so truncated data raises here.
+    return center_crop_resize(to_rgb(image), resolution)
+
+
+def load_image(path: str, resolution: int) -> np.ndarray:
+  """One image file -> uint8[R, R, 3], as the folder source prepares it; clear errors."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"Image file {path} does not exist; give an existing PNG/JPEG "
+                            "path or a dataset index.")
+  try:
+    return _decode(path, resolution)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"Image file {path} could not be decoded as PNG, JPEG or WebP "
+                     f"({type(e).__name__}); give a readable image.") from e
+
+
 def _held_out_score(relative_path: str) -> float:
   digest = hashlib.sha1(relative_path.encode("utf-8")).digest()
   return int.from_bytes(digest[:8], "big") / 2.0**64
@@ -220,9 +238,7 @@ class ImageFolderSource(_GrainSource):
     )
 
   def _load(self, path: str) -> np.ndarray:
-    with Image.open(path, formats=_PIL_FORMATS) as image:
-      image.load()  # Decodes now, so truncated data raises here.
-      return center_crop_resize(to_rgb(image), self.resolution)
+    return _decode(path, self.resolution)
 
   def __getitem__(self, record_key) -> dict[str, np.ndarray]:
     i = operator.index(record_key)

@@ -66,6 +66,11 @@ class SkipInvalid(grain.sources.RandomAccessDataSource):
     self._source = source
     self._max_tries = max_tries
 
+  @property
+  def unfiltered(self):
+    """The wrapped source, bad examples included (the export leaves them out instead)."""
+    return self._source
+
   def __len__(self):
     return len(self._source)
 
