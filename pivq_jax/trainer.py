@@ -518,9 +518,9 @@ def run_sample(state, model, config, workdir, source, sharding, writer) -> dict:
 # --mode=eval's sample-quality metrics and probing (paper §4 and §3.8, spec §5).
 # ----------------------------------------------------------------------------------------
 def cache_dir(config) -> epath.Path:
-  root = config.eval.cache_dir or os.environ.get(inception.CACHE_ENV) or (
-      epath.Path.home() / ".cache" / "pivq_jax")
-  return epath.Path(root)
+  """eval.cache_dir, else $PIVQ_JAX_CACHE, else ~/.cache/pivq_jax (as the FID converter)."""
+  return epath.Path(config.eval.cache_dir or os.environ.get(inception.CACHE_ENV)
+                    or os.path.expanduser("~/.cache/pivq_jax"))
 
 
 def _uint8(x):

@@ -18,6 +18,7 @@ from conftest import fid_weights
 from pivq_jax import config_lib
 from pivq_jax import trainer
 from pivq_jax.data import faces
+from pivq_jax.evaluation import inception
 
 
 def _restore_params(workdir):
@@ -105,6 +106,16 @@ def test_sample_mode_writes_interpolation_samples(tiny, tmp_path):
   tiny.quantizer.assignment = "nearest"
   with pytest.raises(config_lib.ConfigError, match="matching"):
     trainer.run(tiny, str(tmp_path / "b"), mode="sample")
+
+
+def test_cache_dir_matches_the_fid_weights_converter(tiny, monkeypatch):
+  monkeypatch.delenv("PIVQ_JAX_CACHE", raising=False)
+  weights = trainer.cache_dir(tiny) / "fid_inception" / inception.WEIGHTS_FILE
+  assert str(weights) == str(inception.default_weights_path())
+  monkeypatch.setenv("PIVQ_JAX_CACHE", "/somewhere")
+  assert str(trainer.cache_dir(tiny)) == "/somewhere"
+  tiny.eval.cache_dir = "/elsewhere"
+  assert str(trainer.cache_dir(tiny)) == "/elsewhere"
 
 
 def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path):
