@@ -551,6 +551,7 @@ def real_features(config, source, inception_params, sharding) -> np.ndarray:
     logging.info("Real Inception features from the cache %s.", path)
     with path.open("rb") as f:
       return np.load(f)
+  logging.info("Computing Inception features of %d real images for the cache %s.", n, path)
   fn = jax.jit(inception.features)
   feats = [jax.device_get(fn(inception_params, global_batch({"image": b["image"]},
                                                             sharding)["image"]))
@@ -580,6 +581,8 @@ def run_generative(state, model, config, train_source, real_source, sharding,
     key = jax.random.fold_in(jax.random.key(config.seed + 1), start)
     fake.append(jax.device_get(fn(state.ema_params, inception_params, batch(0), batch(1),
                                   key)))
+    if (start // e.feature_batch_size) % 50 == 49:  # 50k samples take a while
+      logging.info("Inception features of %d / %d samples.", start + len(chunk), num)
   fake = np.concatenate(fake)
   results = {"fid": generative.frechet_distance(real, fake)}
   results.update(generative.compute_prdc(real, fake, nearest_k=e.nearest_k))

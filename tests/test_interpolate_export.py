@@ -129,8 +129,8 @@ def _command_line(c):
 
 
 def test_export_survives_sigkill_and_completes_identically(trained, tmp_path):
-  overrides = ["--config.export.split=test", "--config.export.shard_size=150",
-               "--config.export.batch_size=8", "--config.export.num_examples=3000"]
+  overrides = ["--config.export.split=test", "--config.export.shard_size=80",
+               "--config.export.batch_size=8", "--config.export.num_examples=1600"]
   killed = tmp_path / "killed"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   cmd = [sys.executable, "-m", "pivq_jax.main", "--config=configs/faces.py",
@@ -153,16 +153,16 @@ def test_export_survives_sigkill_and_completes_identically(trained, tmp_path):
   finished = sorted(f for f in os.listdir(killed) if f.endswith(".tfrecord"))
   assert 3 <= len(finished) < 20
 
-  c = _export_config(killed, shard_size=150, batch_size=8, num_examples=3000)
+  c = _export_config(killed, shard_size=80, batch_size=8, num_examples=1600)
   resumed = trainer.run(c, trained, mode="export")
   c.export.dir = str(tmp_path / "whole")
   whole = trainer.run(c, trained, mode="export")
-  assert resumed == whole == {"export/num_records": 3000, "export/num_shards": 20}
+  assert resumed == whole == {"export/num_records": 1600, "export/num_shards": 20}
   a, b = export.load_manifest(killed), export.load_manifest(tmp_path / "whole")
   assert a["sha256"] == b["sha256"]  # byte-identical shards
   assert sorted(f for f in os.listdir(killed) if f.endswith(".tmp")) == []
   indices = [int(r["index"]) for r in export.iterate(killed)]
-  assert len(indices) == len(set(indices)) == 3000
+  assert len(indices) == len(set(indices)) == 1600
 
 
 def test_export_errors_are_one_sentence(trained, tmp_path):
