@@ -596,6 +596,8 @@ def _label_names(source) -> dict[str, tuple[str, ...]]:
   """The integer labels a source's items carry, and the names of their entries."""
   if isinstance(source, faces_data.FacesSource):
     return {"factors": faces_data.FACTOR_NAMES}
+  if getattr(source, "factor_names", ()):  # Shapes3D through TFDS
+    return {"factors": tuple(source.factor_names)}
   if getattr(source, "attribute_names", ()):  # CelebA through TFDS
     return {"attributes": tuple(source.attribute_names)}
   return {}

@@ -13,10 +13,10 @@ from typing import Iterator
 import grain
 import numpy as np
 
-DATASETS = ("faces", "celeba", "celebahq", "image_folder")
+DATASETS = ("faces", "celeba", "celebahq", "shapes3d", "image_folder")
 # Datasets read from disk and the name of their data location in error messages.
 _NEEDS_DATA_DIR = {"celeba": "TFDS data dir", "celebahq": "TFDS data dir",
-                   "image_folder": "image folder"}
+                   "shapes3d": "TFDS data dir", "image_folder": "image folder"}
 
 
 def check_data_config(data) -> None:
@@ -48,6 +48,11 @@ def make_source(data, split: str):
     from pivq_jax.data import tfds_sources
     return tfds_sources.celebahq_source(split=split, data_dir=data.data_dir,
                                         resolution=data.resolution)
+  if data.name == "shapes3d":
+    from pivq_jax.data import tfds_sources
+    return tfds_sources.shapes3d_source(split=split, data_dir=data.data_dir,
+                                        resolution=data.resolution,
+                                        test_fraction=data.test_fraction)
   from pivq_jax.data import image_folder
   return SkipInvalid(image_folder.ImageFolderSource(
       data.data_dir, resolution=data.resolution, split=split,

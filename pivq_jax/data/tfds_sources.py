@@ -1,12 +1,14 @@
-"""CelebA and CelebA-HQ from TensorFlow Datasets as grain random-access sources.
+"""CelebA, CelebA-HQ and Shapes3D from TensorFlow Datasets as grain random-access sources.
 
 `celeba_source(split=..., data_dir=..., resolution=64)` and
-`celebahq_source(split=..., data_dir=..., resolution=256)` return a `TfdsImageSource`:
-a thin, picklable wrapper around TFDS's random-access data source
+`celebahq_source(split=..., data_dir=..., resolution=256)` return a `TfdsImageSource`,
+`shapes3d_source(split=..., data_dir=..., resolution=64)` a `TfdsFactorSource`: thin,
+picklable wrappers around TFDS's random-access data source
 (`builder.as_data_source(split)`, which reads ArrayRecord files) whose item `i` is
 
     {"image": uint8[R, R, 3], "index": int64}                      # CelebA-HQ
     {"image": uint8[R, R, 3], "index": int64, "attributes": int32[40]}   # CelebA
+    {"image": uint8[R, R, 3], "index": int64, "factors": int32[6]}       # Shapes3D
 
 Preprocessing (as Unleashing Transformers / PI-VQ): centre crop to the largest square
 (CelebA's 218×178 → the central 178×178), resize to R×R with PIL's bilinear filter,
@@ -17,6 +19,7 @@ Random access needs the dataset prepared as ArrayRecord:
 
     tfds build celeb_a --data_dir=DIR --file_format=array_record
     tfds build celeb_a_hq/256 --data_dir=DIR --manual_dir=MANUAL --file_format=array_record
+    tfds build shapes3d --data_dir=DIR --file_format=array_record
 
 TFDS's default file format is tfrecord, which has no random access: for such a dataset
 `as_data_source` raises `NotImplementedError`, which we turn into a one-sentence
@@ -40,6 +43,18 @@ Splits:
 - CelebA-HQ config: the smallest *prepared* `celeb_a_hq/<r>` with r >= R (then
   downscaled to R when r > R); e.g. R=256 uses celeb_a_hq/256 if present, else /512,
   else /1024.
+- Shapes3D (the FactorQVAE paper's dataset, 480,000 64×64 renders, each of the
+  10·10·10·8·4·15 factor combinations exactly once): TFDS has only "train", and the
+  paper (shared/spec/factorqvae.md) names no held-out image split (its DCI protocol only
+  draws 10,000 train and 5,000 test points uniformly over factor combinations). Our
+  "all" is TFDS's whole split; "test" holds out record `p` of it when
+  splitmix64(p) / 2**64 < `test_fraction` (0.1 by default: ~48,000 images, a fixed
+  pseudo-random subset, since TFDS orders records by a hash of each example's key, its
+  3dshapes.h5 index) and "train" is the rest. The rule is a pure function of the record
+  position: the same on every machine, no pass over the data, and train/test `"index"`
+  values (positions in TFDS's "train") are disjoint. `"factors"` are the six TFDS
+  `label_*` ClassLabels (class indices 0..n-1, ordered as `SHAPES3D_FACTOR_NAMES`, sizes
+  `SHAPES3D_FACTOR_SIZES`); the `value_*` floats are not read.
 
 `data_dir=None` means TFDS's default (`$TFDS_DATA_DIR`, else ~/tensorflow_datasets).
 Every user error is raised at construction, before anything heavy: a missing data_dir
@@ -80,6 +95,13 @@ CELEBA_IMAGE_SHAPE = (218, 178, 3)
 CELEBA_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 CELEBAHQ_RESOLUTIONS: tuple[int, ...] = tuple(2**k for k in range(11))  # 1 ... 1024
 CELEBAHQ_SPLITS = ("train", "test")
+# TFDS `shapes3d` factors (the order of 3dshapes.h5's label columns, most significant
+# first in its image order) and their numbers of values.
+SHAPES3D_FACTOR_NAMES: tuple[str, ...] = (
+    "floor_hue", "wall_hue", "object_hue", "scale", "shape", "orientation")
+SHAPES3D_FACTOR_SIZES: tuple[int, ...] = (10, 10, 10, 8, 4, 15)
+SHAPES3D_IMAGE_SHAPE = (64, 64, 3)
+SHAPES3D_SPLITS = ("train", "test", "all")
 _CELEBAHQ_TAR_HELP = ("made by dataset_tool.py of github.com/tkarras/"
                       "progressive_growing_of_gans")
 
@@ -128,6 +150,93 @@ class TfdsImageSource(_GrainSource):
       item["attributes"] = np.array([attributes[k] for k in self.attribute_names],
                                     dtype=np.int32)
     return item
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+  # Fixed 64-bit integer mixer (splitmix64 finaliser, as in pivq_jax.data.faces); uint64
+  # arithmetic wraps modulo 2**64 identically everywhere, unlike Python's salted hash().
+  z = values.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+  z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+  z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+  return z ^ (z >> np.uint64(31))
+
+
+def held_out_mask(num_records: int, test_fraction: float) -> np.ndarray:
+  """bool[num_records]: record p is held out when splitmix64(p) / 2**64 < test_fraction."""
+  unit = (_splitmix64(np.arange(num_records, dtype=np.uint64)) >> np.uint64(11)).astype(
+      np.float64) * 2.0**-53  # top 53 bits -> exactly representable in [0, 1)
+  return unit < test_fraction
+
+
+def split_positions(num_records: int, split: str, test_fraction: float) -> np.ndarray:
+  """Sorted int64 record positions of "train", "test" or "all" under `held_out_mask`."""
+  if split == "all":
+    return np.arange(num_records, dtype=np.int64)
+  mask = held_out_mask(num_records, test_fraction)
+  return np.flatnonzero(mask if split == "test" else ~mask).astype(np.int64)
+
+
+class TfdsFactorSource(_GrainSource):
+  """Picklable grain source: a TFDS data source, a hashed split, resize and factors.
+
+  Item `i` reads record `p = positions[i]` of the wrapped TFDS source (positions from
+  `split_positions`) and returns {"image": uint8[R, R, 3], "index": int64(p),
+  "factors": int32[F]}, factor k being the ClassLabel `label_<factor_names[k]>`.
+  """
+
+  def __init__(self, tfds_source: Any, *, name: str, split: str, resolution: int,
+               test_fraction: float, factor_names: tuple[str, ...],
+               factor_sizes: tuple[int, ...]):
+    self._source = tfds_source
+    self.name = name
+    self.split = split
+    self.resolution = int(resolution)
+    self.test_fraction = float(test_fraction)
+    self.factor_names = tuple(factor_names)
+    self.factor_sizes = tuple(int(n) for n in factor_sizes)
+    self._keys = tuple(f"label_{k}" for k in self.factor_names)
+    self._positions = split_positions(len(tfds_source), split, self.test_fraction)
+
+  # The position table is rebuilt after unpickling (milliseconds) instead of shipping
+  # megabytes to every grain worker.
+  def __getstate__(self) -> dict[str, Any]:
+    state = dict(self.__dict__)
+    del state["_positions"]
+    return state
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__dict__.update(state)
+    self._positions = split_positions(len(self._source), self.split, self.test_fraction)
+
+  @property
+  def positions(self) -> np.ndarray:
+    """Sorted record positions in TFDS's split that make up this split (read-only)."""
+    view = self._positions.view()
+    view.setflags(write=False)
+    return view
+
+  def __len__(self) -> int:
+    return int(self._positions.shape[0])
+
+  def __repr__(self) -> str:
+    return (f"TfdsFactorSource(name={self.name!r}, split={self.split!r}, "
+            f"resolution={self.resolution}, test_fraction={self.test_fraction}, "
+            f"len={len(self)})")
+
+  def __getitem__(self, record_key) -> dict[str, np.ndarray]:
+    i = operator.index(record_key)
+    n = len(self)
+    if i < 0:
+      i += n
+    if not 0 <= i < n:
+      raise IndexError(f"Index {record_key} is out of range for {self!r} of length {n}.")
+    position = int(self._positions[i])
+    example = self._source[position]
+    return {
+        "image": center_crop_resize(np.asarray(example["image"]), self.resolution),
+        "index": np.int64(position),
+        "factors": np.array([example[k] for k in self._keys], dtype=np.int32),
+    }
 
 
 def _is_int(x) -> bool:
@@ -261,3 +370,61 @@ def celebahq_source(*, split: str, data_dir: str | None, resolution: int = 256,
   start, stop = (0, n - n_test) if split == "train" else (n - n_test, n)
   return TfdsImageSource(tfds_source, name=name, split=split, resolution=resolution,
                          start=start, stop=stop)
+
+
+def shapes3d_source(*, split: str, data_dir: str | None, resolution: int = 64,
+                    test_fraction: float = 0.1) -> TfdsFactorSource:
+  """Shapes3D (TFDS `shapes3d`): 64×64 renders with their six ground-truth factors.
+
+  Args:
+    split: "train", "test" or "all"; "test" holds out the records of TFDS's only split
+      whose position hashes below `test_fraction` (see the module docstring), "all" is
+      every record (e.g. to train on every image, with no held-out set).
+    data_dir: TFDS data dir holding `shapes3d` prepared as ArrayRecord; None for TFDS's
+      default.
+    resolution: output side R, 1 <= R <= 64 (resized with PIL bilinear when R < 64).
+    test_fraction: expected held-out share, in (0, 1).
+
+  Returns:
+    A `TfdsFactorSource` of {"image": uint8[R, R, 3], "index": int64,
+    "factors": int32[6]}; factor k is `SHAPES3D_FACTOR_NAMES[k]`, in
+    0..`SHAPES3D_FACTOR_SIZES[k]` - 1 (also the source's `factor_names` / `factor_sizes`).
+  """
+  if split not in SHAPES3D_SPLITS:
+    raise ValueError(f"Unknown Shapes3D split {split!r}; use one of "
+                     f"{', '.join(SHAPES3D_SPLITS)}.")
+  side = SHAPES3D_IMAGE_SHAPE[0]
+  if not _is_int(resolution) or not 1 <= resolution <= side:
+    raise ValueError(f"Shapes3D resolution must be between 1 and {side} (its image size) "
+                     f"but got {resolution!r}; fix --config.data.resolution.")
+  if not (isinstance(test_fraction, (int, float, np.floating))
+          and 0.0 < test_fraction < 1.0):
+    raise ValueError(f"test_fraction must be in (0, 1) but got {test_fraction!r}; use e.g. "
+                     "0.1 to hold out ~48,000 of the 480,000 Shapes3D images.")
+  data_dir, shown_dir = _resolve_data_dir(data_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  name = "shapes3d"
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} was not found under {shown_dir}; download it with "
+        f"`tfds build {name} --data_dir={shown_dir} --file_format=array_record` or set "
+        "--config.data.data_dir.")
+  features = dict(builder.info.features.items())
+  sizes = tuple(getattr(features.get(f"label_{k}"), "num_classes", None)
+                for k in SHAPES3D_FACTOR_NAMES)
+  if sizes != SHAPES3D_FACTOR_SIZES:
+    raise ValueError(f"TFDS {name!r} has label_* class counts {sizes} for "
+                     f"{SHAPES3D_FACTOR_NAMES}, not the expected {SHAPES3D_FACTOR_SIZES}; "
+                     "use tensorflow-datasets 4.9.10.")
+  tfds_source = _as_random_access(builder, "train", name=name, shown_dir=shown_dir)
+  source = TfdsFactorSource(tfds_source, name=name, split=split, resolution=resolution,
+                            test_fraction=test_fraction,
+                            factor_names=SHAPES3D_FACTOR_NAMES,
+                            factor_sizes=SHAPES3D_FACTOR_SIZES)
+  if len(source) == 0:
+    raise ValueError(f"Shapes3D split {split!r} is empty: TFDS {name!r} under {shown_dir} "
+                     f"has {len(tfds_source)} example(s) and test_fraction is "
+                     f"{test_fraction}; re-prepare it from the full 3dshapes.h5.")
+  return source
