@@ -15,12 +15,14 @@ from pivq_jax.models import trunk
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
+  # "pivq" (first paper) or "factorqvae" (second paper; its fields in c.factorqvae).
+  c.family = "pivq"
   c.seed = 0
   c.num_train_steps = 1000
   c.batch_size = 16  # global, across all devices and hosts
 
   c.data = ml_collections.ConfigDict()
-  c.data.name = "faces"  # faces | celeba | celebahq | image_folder
+  c.data.name = "faces"  # faces | celeba | celebahq | shapes3d | image_folder
   c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir, or the image folder
   c.data.resolution = 64
   c.data.test_fraction = 0.1  # image_folder and shapes3d: held-out share (choice)
@@ -106,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval.probe_examples = 10_000  # test images encoded for probing; 0 = no probing
   c.eval.probe_folds = 5
   c.eval.cache_dir = ""  # real features and FID weights; "" = $PIVQ_JAX_CACHE or ~/.cache
+  # DCI and InfoMEC on datasets with ground-truth factors (FactorQVAE spec: 10k train and
+  # 5k test points); PI-VQ's latents are its K code-presence bits. 0 = off.
+  c.eval.dci_train_examples = 10_000
+  c.eval.dci_test_examples = 5_000
 
   # --mode=sample: interpolation samples (paper §3.5) from random training pairs.
   c.sample = ml_collections.ConfigDict()
@@ -138,6 +144,44 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def factorqvae_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """FactorQVAE (second paper) on top of base_config: spec factorqvae.md, Shapes3D values.
+
+  The PI-VQ sections stay (every field exists everywhere) but are unused; the trainer reads
+  c.factorqvae, the data, batch, steps, eval and checkpoint fields.
+  """
+  c.family = "factorqvae"
+  c.factorqvae = ml_collections.ConfigDict()
+  f = c.factorqvae
+  # qvae | factordvae | dvae | factorvae | betavae | qlae: same architecture (paper §5.1).
+  f.variant = "factorqvae"
+  f.latent_dim = 12  # d = 2 x number of factors (Shapes3D: 6)
+  f.num_values = 64  # K, the one global codebook (QLAE: values per latent, 10)
+  f.channels = 128
+  f.num_groups = 3
+  f.blocks_per_group = 2
+  f.hidden_dim = 128
+  f.decoder_input_channels = 64
+  f.beta = 1e-3  # KL weight, Shapes3D (Table A.3)
+  f.gamma = 1e-4  # TC weight, Shapes3D
+  f.tau_rate = 2e-5  # tau = exp(-rate * iteration); the reference's global step counts 2
+  f.disc_hidden = 1000
+  f.disc_layers = 4
+  f.learning_rate = 1e-3
+  f.disc_learning_rate = 1e-3
+  f.end_learning_rate = 1.25e-6
+  f.decay_steps = 50_000  # cosine, both optimizers
+  f.periodic_cosine = False  # the reference's CosineAnnealingLR climbs back after T_max
+  f.weight_decay = 0.0  # QLAE: 0.1 (AdamW)
+  c.batch_size = 512  # TC variants: two halves of 256, one per optimizer
+  c.num_train_steps = 50_000
+  c.codebook_init.update(start_step=0, reinit_steps=())  # PI-VQ's delayed init: unused
+  c.loss.update(lpips_weight=0.0, adversarial_weight=0.0)
+  c.eval.update(lpips_net="", num_samples=0, probe_examples=0, batch_size=256)
+  c.ema.decay = 0.0  # the paper keeps no EMA: eval reads the trained weights
+  return c
+
+
 def history_latents_per_step(config) -> int:
   """Latents each step adds to the k-means history: a sample of its B*L, or all of them."""
   all_latents = config.batch_size * config.model.num_latents
@@ -151,6 +195,11 @@ class ConfigError(ValueError):
 
 def check_config(config, *, num_devices: int) -> None:
   """Raises ConfigError for configs that cannot train; cheap, runs before compiling."""
+  if config.family not in ("pivq", "factorqvae"):
+    raise ConfigError(f"family is {config.family!r}; use 'pivq' or 'factorqvae'.")
+  if config.family == "factorqvae":
+    _check_factorqvae(config, num_devices=num_devices)
+    return
   m, q, d = config.model, config.quantizer, config.data
   if q.assignment not in ("nearest", "matching"):
     raise ConfigError(f"quantizer.assignment is {q.assignment!r}; use 'nearest' or "
@@ -222,6 +271,26 @@ def check_config(config, *, num_devices: int) -> None:
   if config.export.shard_size < 1:
     raise ConfigError(f"export.shard_size is {config.export.shard_size}; use a positive "
                       "number of records per shard.")
+
+
+def _check_factorqvae(config, *, num_devices: int) -> None:
+  from pivq_jax.models import factorqvae  # pylint: disable=g-import-not-at-top
+  f = config.factorqvae
+  if f.variant not in factorqvae.VARIANTS:
+    raise ConfigError(f"factorqvae.variant is {f.variant!r}; use one of "
+                      f"{', '.join(factorqvae.VARIANTS)}.")
+  factor = 2 ** (f.num_groups - 1)
+  if config.data.resolution % factor:
+    raise ConfigError(f"Image size {config.data.resolution} is not divisible by the "
+                      f"encoder's down-sampling factor {factor} (num_groups={f.num_groups}); "
+                      f"pick a multiple of {factor}.")
+  halves = 2 if factorqvae.VARIANTS[f.variant].total_correlation else 1
+  for name, batch in (("batch_size", config.batch_size // halves),
+                      ("eval.batch_size", config.eval.batch_size)):
+    if batch % num_devices or (name == "batch_size" and config.batch_size % halves):
+      raise ConfigError(f"Global {name}={batch} (per optimizer for the TC variants, which "
+                        f"split each batch in two) does not split over {num_devices} "
+                        f"devices; use a multiple of {halves * num_devices}.")
 
 
 def paper_256px(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

