@@ -45,7 +45,8 @@ def tiny_config():
   c.eval.batch_size = 4
   c.eval.grid_images = 4
   c.eval.update(num_samples=8, num_real=8, nearest_k=3, feature_batch_size=4,
-                probe_examples=40, probe_folds=2)
+                probe_examples=40, probe_folds=2, dci_train_examples=64,
+                dci_test_examples=32)
   c.log_every = 1
   c.eval_every = 3
   c.checkpoint_every = 3
@@ -60,6 +61,16 @@ def fid_weights():
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.convert()
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tmp_path_factory):
+  """One tiny run trained to the end, shared by the tests that only read a checkpoint
+  (sample, interpolate, export, eval); each writes under its own subdirectory or file."""
+  from pivq_jax import trainer  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("trained_tiny"))
+  trainer.run(tiny_config(), workdir)
+  return workdir
 
 
 @pytest.fixture

@@ -21,11 +21,9 @@ from pivq_jax import trainer
 from pivq_jax.data import pipeline
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("run"))
-  trainer.run(tiny_config(), workdir)
-  return workdir
+@pytest.fixture
+def trained(trained_tiny):
+  return trained_tiny
 
 
 def _ema_params(workdir):

@@ -87,11 +87,10 @@ def test_checkpoint_of_another_train_state_layout_is_refused(tiny, tmp_path):
   assert "\n" not in str(e.value)
 
 
-def test_sample_mode_writes_interpolation_samples(tiny, tmp_path):
-  workdir = str(tmp_path / "a")
+def test_sample_mode_writes_interpolation_samples(tiny, tmp_path, trained_tiny):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    trainer.run(tiny, workdir, mode="sample")
-  trainer.run(tiny, workdir)
+    trainer.run(tiny, str(tmp_path / "empty"), mode="sample")
+  workdir = trained_tiny
   tiny.sample.update(num_images=10, batch_size=4, grid_images=3)  # a partial last batch
   results = trainer.run(tiny, workdir, mode="sample")
   images = np.load(os.path.join(workdir, "samples", "00000006", "samples.npy"))
@@ -118,19 +117,18 @@ def test_cache_dir_matches_the_fid_weights_converter(tiny, monkeypatch):
   assert str(trainer.cache_dir(tiny)) == "/elsewhere"
 
 
-def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path):
+def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path, trained_tiny):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     trainer.run(tiny, str(tmp_path / "empty"), mode="eval")
-  trainer.run(tiny, str(tmp_path / "a"))
   tiny.eval.cache_dir = str(tmp_path / "cache")  # no weights there: a clear error
   with pytest.raises(FileNotFoundError, match="fid_inception_weights.py") as e:
-    trainer.run(tiny, str(tmp_path / "a"), mode="eval")
+    trainer.run(tiny, trained_tiny, mode="eval")
   assert "\n" not in str(e.value)
   weights = fid_weights()  # shared cache; this run's real features go to its own
   os.makedirs(tmp_path / "cache" / "fid_inception")
   os.symlink(weights, tmp_path / "cache" / "fid_inception" / os.path.basename(weights))
-  results = trainer.run(tiny, str(tmp_path / "a"), mode="eval")
-  saved = json.loads((tmp_path / "a" / "eval_00000006.json").read_text())
+  results = trainer.run(tiny, trained_tiny, mode="eval")
+  saved = json.loads((epath.Path(trained_tiny) / "eval_00000006.json").read_text())
   assert saved == pytest.approx(results)
   assert results["eval/generative/num_samples"] == 8
   assert results["eval/generative/fid"] > 0
@@ -139,10 +137,14 @@ def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path):
   for name in faces.FACTOR_NAMES:
     assert 0 <= results[f"eval/probe/{name}/accuracy"] <= 1
     assert 0 < results[f"eval/probe/{name}/majority"] <= 1
-  assert os.path.exists(tmp_path / "a" / "images" / "probing_00000006.png")
+  assert os.path.exists(os.path.join(trained_tiny, "images", "probing_00000006.png"))
+  # DCI / InfoMEC on PI-VQ's code-presence bits (or skipped if a tiny run's codes are all
+  # the same on every image, which the log says).
+  if "eval/dci/disentanglement" in results:
+    assert 0 <= results["eval/dci/disentanglement"] <= 1
   cached = os.listdir(tmp_path / "cache" / "real_features")
   assert any(f.startswith("faces_32px_train_8_") for f in cached)
-  again = trainer.run(tiny, str(tmp_path / "a"), mode="eval")  # real features from cache
+  again = trainer.run(tiny, trained_tiny, mode="eval")  # real features from cache
   assert again["eval/generative/fid"] == pytest.approx(results["eval/generative/fid"],
                                                        rel=1e-4)
 
