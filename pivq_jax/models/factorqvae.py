@@ -104,14 +104,12 @@ def categorical_posterior(logits, codebook, key=None, *, tau=1.0, train: bool = 
   return z, aux
 
 
-class EncoderBlock(nn.Module):
-  """dVAE (DALL-E) encoder block: id + gain * res (spec "Model"; App. Table A.4).
-
-  res = ReLU-3x3(out/4)-ReLU-3x3(out/4)-ReLU-3x3(out/4)-ReLU-1x1(out); id is a 1x1 conv only
-  when the width changes.
-  """
+class _ResidualBlock(nn.Module):
+  """id + gain * res, res = four ReLU-conv layers (widths out/4, out/4, out/4, out) with
+  `kernels` sizes; id is a 1x1 conv only when the width changes."""
   out_ch: int
   gain: float
+  kernels: tuple[int, int, int, int]
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -119,35 +117,22 @@ class EncoderBlock(nn.Module):
     conv = lambda ch, k, name: nn.Conv(ch, (k, k), padding=k // 2, dtype=self.dtype,
                                        kernel_init=_kernel_init, bias_init=_bias_init,
                                        name=name)
-    hid = self.out_ch // 4
-    h = conv(hid, 3, "conv_1")(nn.relu(x))
-    h = conv(hid, 3, "conv_2")(nn.relu(h))
-    h = conv(hid, 3, "conv_3")(nn.relu(h))
-    h = conv(self.out_ch, 1, "conv_4")(nn.relu(h))
+    h = x
+    for j, k in enumerate(self.kernels):
+      h = conv(self.out_ch if j == 3 else self.out_ch // 4, k, f"conv_{j + 1}")(nn.relu(h))
     if x.shape[-1] != self.out_ch:
       x = conv(self.out_ch, 1, "id_path")(x)
     return x + self.gain * h
 
 
-class DecoderBlock(nn.Module):
-  """Decoder block: id + gain * res, res = ReLU-1x1(out/4)-ReLU-3x3-ReLU-3x3-ReLU-3x3(out)."""
-  out_ch: int
-  gain: float
-  dtype: Any = jnp.float32
+class EncoderBlock(_ResidualBlock):
+  """dVAE (DALL-E) encoder block (spec "Model"; App. Table A.4): 3x3, 3x3, 3x3, 1x1."""
+  kernels: tuple[int, int, int, int] = (3, 3, 3, 1)
 
-  @nn.compact
-  def __call__(self, x):
-    conv = lambda ch, k, name: nn.Conv(ch, (k, k), padding=k // 2, dtype=self.dtype,
-                                       kernel_init=_kernel_init, bias_init=_bias_init,
-                                       name=name)
-    hid = self.out_ch // 4
-    h = conv(hid, 1, "conv_1")(nn.relu(x))
-    h = conv(hid, 3, "conv_2")(nn.relu(h))
-    h = conv(hid, 3, "conv_3")(nn.relu(h))
-    h = conv(self.out_ch, 3, "conv_4")(nn.relu(h))
-    if x.shape[-1] != self.out_ch:
-      x = conv(self.out_ch, 1, "id_path")(x)
-    return x + self.gain * h
+
+class DecoderBlock(_ResidualBlock):
+  """Decoder block: 1x1, 3x3, 3x3, 3x3."""
+  kernels: tuple[int, int, int, int] = (1, 3, 3, 3)
 
 
 def _dense(features, dtype, name):
@@ -176,7 +161,7 @@ class Encoder(nn.Module):
                 bias_init=_bias_init, name="conv_in")(x.astype(self.dtype))
     for g in range(self.num_groups):
       for i in range(self.blocks_per_group):
-        x = EncoderBlock(self.channels * 2 ** g, self.gain, self.dtype,
+        x = EncoderBlock(self.channels * 2 ** g, self.gain, dtype=self.dtype,
                          name=f"group_{g}_block_{i}")(x)
       if g != self.num_groups - 1:
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -209,7 +194,7 @@ class Decoder(nn.Module):
     for j in range(self.num_groups):
       for i in range(self.blocks_per_group):
         x = DecoderBlock(self.channels * 2 ** (self.num_groups - 1 - j), self.gain,
-                         self.dtype, name=f"group_{j}_block_{i}")(x)
+                         dtype=self.dtype, name=f"group_{j}_block_{i}")(x)
       if j != self.num_groups - 1:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest x2
     x = nn.Conv(3, (1, 1), dtype=self.dtype, kernel_init=_kernel_init, bias_init=_bias_init,
