@@ -239,6 +239,16 @@ class TfdsFactorSource(_GrainSource):
     }
 
 
+def _prepared_builder(tfds, name: str, data_dir, shown_dir: str):
+  builder = tfds.builder(name, data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(
+        f"TFDS dataset {name!r} was not found under {shown_dir}; download it with "
+        f"`tfds build {name} --data_dir={shown_dir} --file_format=array_record` or set "
+        "--config.data.data_dir.")
+  return builder
+
+
 def _is_int(x) -> bool:
   return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
@@ -298,12 +308,7 @@ def celeba_source(*, split: str, data_dir: str | None,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   name = "celeb_a"
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} was not found under {shown_dir}; download it with "
-        f"`tfds build {name} --data_dir={shown_dir} --file_format=array_record` or set "
-        "--config.data.data_dir.")
+  builder = _prepared_builder(tfds, name, data_dir, shown_dir)
   names = tuple(builder.info.features["attributes"].keys())
   if names != CELEBA_ATTRIBUTE_NAMES:
     raise ValueError(f"TFDS {name!r} has attributes {names}, not the 40 CelebA attributes "
@@ -405,12 +410,7 @@ def shapes3d_source(*, split: str, data_dir: str | None, resolution: int = 64,
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   name = "shapes3d"
-  builder = tfds.builder(name, data_dir=data_dir)
-  if not builder.is_prepared():
-    raise FileNotFoundError(
-        f"TFDS dataset {name!r} was not found under {shown_dir}; download it with "
-        f"`tfds build {name} --data_dir={shown_dir} --file_format=array_record` or set "
-        "--config.data.data_dir.")
+  builder = _prepared_builder(tfds, name, data_dir, shown_dir)
   features = dict(builder.info.features.items())
   sizes = tuple(getattr(features.get(f"label_{k}"), "num_classes", None)
                 for k in SHAPES3D_FACTOR_NAMES)
