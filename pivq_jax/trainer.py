@@ -516,22 +516,16 @@ def run_disentanglement(state, model, config, sources, sharding) -> dict:
   fn = jax.jit(functools.partial(latents_step, model=model, family=config.family))
 
   def latents(split, n):
-    codes, factors = [], []
-    for b in pipeline.subset_batches(
-        sources[split], num_examples=n, batch_size=e.batch_size // jax.process_count(),
-        process_index=jax.process_index(), process_count=jax.process_count()):
-      codes.append(np.asarray(jax.device_get(fn(state.ema_params,
-                                                global_batch({"image": b["image"]},
-                                                             sharding)))))
-      factors.append(b["factors"])
-    codes, factors = np.concatenate(codes), np.concatenate(factors)
+    codes, kept = map_subset(lambda x: fn(state.ema_params, {"image": x}), sources[split], n,
+                             e.batch_size, sharding, keep=("factors",))
+    factors = kept["factors"]
     if not fq:  # PI-VQ: the K binary "code k is in the image's set" features
       codes = probing.presence_features(codes, config.quantizer.num_codes)
     return codes, factors
 
   z_train, f_train = latents("train", e.dci_train_examples)
   z_test, f_test = latents("test", e.dci_test_examples)
-  z = np.asarray(z_train.todense() if hasattr(z_train, "todense") else z_train)
+  z = np.asarray(z_train)
   if not np.any(z.max(axis=0) != z.min(axis=0)):
     logging.warning("Every latent is constant on the DCI images (collapsed or untrained); "
                     "DCI and InfoMEC are undefined and skipped.")
@@ -650,26 +644,34 @@ def sample_step(params, batch_a, batch_b, key, *, model):
                                               method="decode_indices")
 
 
+def pair_batches(source, num: int, batch_size: int, seed: int, sharding):
+  """`num` random pairs of `source`, batched: yields (real rows, batch A, batch B, key).
+
+  Pairs and keys depend only on `seed`, so every checkpoint is scored on the same ones;
+  the last batch is padded to `batch_size` (static shapes).
+  """
+  pairs = np.random.default_rng(seed).integers(0, len(source), (num, 2))
+  for start in range(0, num, batch_size):
+    chunk = pairs[start:start + batch_size]
+    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - len(chunk), 0)])
+    local = chunk.reshape(jax.process_count(), -1, 2)[jax.process_index()]  # this host's
+    a, b = (global_batch({"image": np.stack([source[int(i)]["image"] for i in local[:, c]])},
+                         sharding) for c in (0, 1))
+    yield min(batch_size, num - start), a, b, jax.random.fold_in(jax.random.key(seed), start)
+
+
 def run_sample(state, model, config, workdir, source, sharding, writer) -> dict:
   """Writes samples/<step>/samples.npy (uint8 [N, R, R, 3], for FID) and a PNG grid."""
   step, sc = int(state.step), config.sample
   fn = jax.jit(functools.partial(sample_step, model=model))
-  rng = np.random.default_rng(config.seed)  # the same pairs for every checkpoint
-  pairs = rng.integers(0, len(source), (sc.num_images, 2))
   images, codes, first = [], [], None
-  for start in range(0, sc.num_images, sc.batch_size):
-    chunk = pairs[start:start + sc.batch_size]
-    chunk = np.concatenate([chunk, np.repeat(chunk[-1:], sc.batch_size - len(chunk), 0)])
-    local = chunk.reshape(jax.process_count(), -1, 2)[jax.process_index()]  # this host's
-    batch = lambda col: global_batch(
-        {"image": np.stack([source[int(i)]["image"] for i in local[:, col]])}, sharding)
-    key = jax.random.fold_in(jax.random.key(config.seed), start)
-    out = jax.device_get(fn(state.ema_params, batch(0), batch(1), key))
-    n = min(sc.batch_size, sc.num_images - start)
+  for n, batch_a, batch_b, key in pair_batches(source, sc.num_images, sc.batch_size,
+                                               config.seed, sharding):
+    out = jax.device_get(fn(state.ema_params, batch_a, batch_b, key))
     images.append(visualize.to_uint8(out[3][:n]))
     codes.append(np.asarray(out[2][:n]))
     if first is None:
-      first = [np.asarray(batch(c)["image"])[:sc.grid_images] for c in (0, 1)]
+      first = [np.asarray(b["image"])[:sc.grid_images] for b in (batch_a, batch_b)]
       first.append(images[0][:sc.grid_images])
   images, codes = np.concatenate(images), np.concatenate(codes)
   out_dir = epath.Path(workdir) / "samples" / f"{step:08d}"
@@ -704,6 +706,20 @@ def fake_features_step(params, inception_params, batch_a, batch_b, key, *, model
   return inception.features(inception_params, _uint8(images))
 
 
+def map_subset(fn, source, num: int, batch_size: int, sharding, keep: tuple[str, ...] = ()):
+  """fn(global uint8 image batch) over the fixed subset `pipeline.subset_batches` picks
+  -> (fn's outputs on the host, concatenated; {k: the items' field k} for k in keep)."""
+  outs, kept = [], {k: [] for k in keep}
+  for b in pipeline.subset_batches(
+      source, num_examples=num, batch_size=batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    outs.append(np.asarray(jax.device_get(fn(global_batch({"image": b["image"]},
+                                                          sharding)["image"]))))
+    for k in keep:
+      kept[k].append(b[k])
+  return np.concatenate(outs), {k: np.concatenate(v) for k, v in kept.items()}
+
+
 def real_features(config, source, inception_params, sharding) -> np.ndarray:
   """Inception features of eval.num_real images of eval.real_split, cached on disk.
 
@@ -723,12 +739,8 @@ def real_features(config, source, inception_params, sharding) -> np.ndarray:
       return np.load(f)
   logging.info("Computing Inception features of %d real images for the cache %s.", n, path)
   fn = jax.jit(inception.features)
-  feats = [jax.device_get(fn(inception_params, global_batch({"image": b["image"]},
-                                                            sharding)["image"]))
-           for b in pipeline.subset_batches(
-               source, num_examples=n, batch_size=e.feature_batch_size // jax.process_count(),
-               process_index=jax.process_index(), process_count=jax.process_count())]
-  feats = np.concatenate(feats)
+  feats, _ = map_subset(functools.partial(fn, inception_params), source, n,
+                        e.feature_batch_size, sharding)
   visualize.save_array(path, feats)
   return feats
 
@@ -739,20 +751,15 @@ def run_generative(state, model, config, train_source, real_source, sharding,
   e = config.eval
   real = real_features(config, real_source, inception_params, sharding)
   fn = jax.jit(functools.partial(fake_features_step, model=model))
-  rng = np.random.default_rng(config.seed + 1)  # not sample mode's pairs
-  num = e.num_samples - e.num_samples % e.feature_batch_size
-  pairs = rng.integers(0, len(train_source), (num, 2))
-  fake = []
-  for start in range(0, num, e.feature_batch_size):
-    chunk = pairs[start:start + e.feature_batch_size]
-    local = chunk.reshape(jax.process_count(), -1, 2)[jax.process_index()]
-    batch = lambda col: global_batch(
-        {"image": np.stack([train_source[int(i)]["image"] for i in local[:, col]])}, sharding)
-    key = jax.random.fold_in(jax.random.key(config.seed + 1), start)
-    fake.append(jax.device_get(fn(state.ema_params, inception_params, batch(0), batch(1),
-                                  key)))
-    if (start // e.feature_batch_size) % 50 == 49:  # 50k samples take a while
-      logging.info("Inception features of %d / %d samples.", start + len(chunk), num)
+  fake = []  # seed + 1: other pairs than sample mode's
+  for n, batch_a, batch_b, key in pair_batches(train_source, e.num_samples,
+                                               e.feature_batch_size, config.seed + 1,
+                                               sharding):
+    fake.append(jax.device_get(fn(state.ema_params, inception_params, batch_a, batch_b,
+                                  key))[:n])
+    if len(fake) % 50 == 0:  # 50k samples take a while
+      logging.info("Inception features of %d / %d samples.", sum(map(len, fake)),
+                   e.num_samples)
   fake = np.concatenate(fake)
   results = {"fid": generative.frechet_distance(real, fake)}
   results.update(generative.compute_prdc(real, fake, nearest_k=e.nearest_k))
@@ -782,14 +789,9 @@ def run_probing(state, model, config, workdir, source, sharding, writer) -> dict
     return {}
   (label_key, label_names), = names.items()
   fn = jax.jit(functools.partial(encode_step, model=model))
-  codes, labels = [], []
-  for b in pipeline.subset_batches(
-      source, num_examples=e.probe_examples, batch_size=e.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count()):
-    codes.append(jax.device_get(fn(state.ema_params, global_batch({"image": b["image"]},
-                                                                  sharding))))
-    labels.append(b[label_key])
-  codes, labels = np.concatenate(codes), np.concatenate(labels)
+  codes, kept = map_subset(lambda x: fn(state.ema_params, {"image": x}), source,
+                           e.probe_examples, e.batch_size, sharding, keep=(label_key,))
+  labels = kept[label_key]
   features = probing.presence_features(codes, config.quantizer.num_codes)
   probes = probing.probe(features, labels, label_names, folds=e.probe_folds, seed=config.seed)
   image = probing.plot_probing(

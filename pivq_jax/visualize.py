@@ -24,6 +24,18 @@ def grid(rows: list, pad: int = 2) -> np.ndarray:
   return out
 
 
+def save_figure(path, fig) -> np.ndarray:
+  """Renders a matplotlib figure, closes it, writes it as a PNG; returns the RGB image."""
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  buf = io.BytesIO()
+  fig.tight_layout()
+  fig.savefig(buf, format="png")
+  plt.close(fig)
+  image = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+  save_png(path, image)
+  return image
+
+
 def save_png(path, image: np.ndarray) -> None:
   """Writes a PNG atomically, locally or on GCS via epath."""
   buf = io.BytesIO()

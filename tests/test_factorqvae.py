@@ -6,9 +6,10 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
+from pivq_jax import config_lib
+from pivq_jax import trainer
 from pivq_jax.losses import factorqvae as losses
 from pivq_jax.models import factorqvae
 from pivq_jax.models import tc_discriminator as tcd
@@ -329,48 +330,8 @@ def test_cosine_schedules_match_the_spec():
 
 
 # ----------------------------------------------------------------------------------------
-# End to end: a reference train step (the trainer's job; kept here, not in the package).
+# End to end: the trainer's FactorQVAE step (half-batch split, two optimizers).
 # ----------------------------------------------------------------------------------------
-def _train_step(state, batch, *, model, disc, vae_tx, disc_tx, variant, beta, gamma,
-                tau_rate, seed=0):
-  """One FactorQVAE iteration (Algorithm 1; spec "Total-correlation term").
-
-  The batch of 2B is split in halves: the VAE step (recon + beta KL + gamma TC) on half 1;
-  then half 2 is encoded with the *updated* VAE, permuted per latent and, with half 1's
-  latents, both stop-gradiented, trains D with its own optimizer.
-  """
-  x1, x2 = jnp.split(batch, 2)
-  tau = losses.tau_schedule(state["step"], rate=tau_rate)
-  k1, k2, k_perm = jax.random.split(jax.random.fold_in(_key(seed), state["step"]), 3)
-
-  def vae_fn(params):
-    x_hat, aux = model.apply({"params": params}, x1, k1, tau=tau)
-    d_logits = disc.apply({"params": state["disc_params"]}, aux["tc_latents"])
-    loss, terms = losses.vae_loss(x=x1, x_hat=x_hat, aux=aux, variant=variant, beta=beta,
-                                  gamma=gamma, disc_logits=d_logits)
-    return loss, (terms, aux["tc_latents"])
-
-  (_, (terms, z1)), grads = jax.value_and_grad(vae_fn, has_aux=True)(state["params"])
-  updates, opt_state = vae_tx.update(grads, state["opt_state"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-
-  _, aux2 = model.apply({"params": params}, x2, k2, tau=tau, method="sample_latents")
-  z1 = jax.lax.stop_gradient(z1)
-  z_perm = tcd.permute_dims(jax.lax.stop_gradient(aux2["tc_latents"]), k_perm)
-
-  def disc_fn(d_params):
-    apply = lambda z: disc.apply({"params": d_params}, z)
-    return losses.tc_discriminator_loss(apply(z1), apply(z_perm))
-
-  d_loss, d_grads = jax.value_and_grad(disc_fn)(state["disc_params"])
-  d_updates, disc_opt_state = disc_tx.update(d_grads, state["disc_opt_state"],
-                                             state["disc_params"])
-  new_state = dict(step=state["step"] + 1, params=params, opt_state=opt_state,
-                   disc_params=optax.apply_updates(state["disc_params"], d_updates),
-                   disc_opt_state=disc_opt_state)
-  return new_state, dict(terms, d_loss=d_loss, tau=tau)
-
-
 @pytest.mark.parametrize("variant", ["factorqvae"])
 def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
   model, params = _init(variant)
@@ -381,11 +342,16 @@ def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
   # 3x the paper's rate, so that a few steps on a tiny model show the trend.
   vae_tx, disc_tx = losses.build_optimizers(learning_rate=3e-3, disc_learning_rate=3e-3,
                                             decay_steps=100, disc_decay_steps=100)
-  state = dict(step=jnp.zeros((), jnp.int32), params=params, opt_state=vae_tx.init(params),
-               disc_params=disc_params, disc_opt_state=disc_tx.init(disc_params))
-  step = jax.jit(functools.partial(
-      _train_step, model=model, disc=disc, vae_tx=vae_tx, disc_tx=disc_tx, variant=variant,
-      beta=1e-3, gamma=1e-2, tau_rate=losses.reference_tau_rate(variant)))
+  state = trainer.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
+      opt_state=vae_tx.init(params), disc_params=disc_params, disc_stats={},
+      disc_opt_state=disc_tx.init(disc_params), history=jnp.zeros((1, 1)))
+  config = config_lib.factorqvae_config(config_lib.base_config())
+  config.factorqvae.update(variant=variant, beta=1e-3, gamma=1e-2,
+                           tau_rate=losses.reference_tau_rate(variant))
+  batch = {"image": batch * 255.0}  # the trainer's input convention, [0, 255]
+  step = jax.jit(functools.partial(trainer.factorqvae_step, model=model, disc=disc,
+                                   tx=vae_tx, disc_tx=disc_tx, config=config))
   # LLVM optimisation level 0 halves the CPU compile time; the step runs fast regardless.
   step = step.lower(state, batch).compile({"xla_backend_optimization_level": 0})
 
@@ -393,13 +359,13 @@ def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
   for _ in range(25):
     state, metrics = step(state, batch)
     mse.append(float(metrics["mse"]))
-    d_losses.append(float(metrics["d_loss"]))
+    d_losses.append(float(metrics["disc_loss"]))
     assert np.isfinite(float(metrics["tc"]))
   assert np.mean(mse[-3:]) < 0.6 * np.mean(mse[:3]), mse
   assert np.all(np.isfinite(d_losses)) and abs(d_losses[0] - math.log(2)) < 0.05
   # Both optimizers moved their own parameters.
   changed = lambda a, b: any(bool(jnp.any(u != v)) for u, v in
                              zip(jax.tree.leaves(a), jax.tree.leaves(b)))
-  assert changed(first["params"], state["params"])
-  assert changed(first["disc_params"], state["disc_params"])
+  assert changed(first.params, state.params)
+  assert changed(first.disc_params, state.disc_params)
   np.testing.assert_allclose(metrics["tau"], math.exp(-24 * 2e-5), rtol=1e-6)

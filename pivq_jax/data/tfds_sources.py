@@ -133,12 +133,7 @@ class TfdsImageSource(_GrainSource):
             f"resolution={self.resolution}, records=[{self.start}, {self.stop}))")
 
   def __getitem__(self, record_key) -> dict[str, np.ndarray]:
-    i = operator.index(record_key)
-    n = len(self)
-    if i < 0:
-      i += n
-    if not 0 <= i < n:
-      raise IndexError(f"Index {record_key} is out of range for {self!r} of length {n}.")
+    i = _item_index(record_key, self)
     position = self.start + i
     example = self._source[position]
     item = {
@@ -224,12 +219,7 @@ class TfdsFactorSource(_GrainSource):
             f"len={len(self)})")
 
   def __getitem__(self, record_key) -> dict[str, np.ndarray]:
-    i = operator.index(record_key)
-    n = len(self)
-    if i < 0:
-      i += n
-    if not 0 <= i < n:
-      raise IndexError(f"Index {record_key} is out of range for {self!r} of length {n}.")
+    i = _item_index(record_key, self)
     position = int(self._positions[i])
     example = self._source[position]
     return {
@@ -237,6 +227,16 @@ class TfdsFactorSource(_GrainSource):
         "index": np.int64(position),
         "factors": np.array([example[k] for k in self._keys], dtype=np.int32),
     }
+
+
+def _item_index(record_key, source) -> int:
+  """A grain record key (negative counts from the end) -> 0 <= i < len(source)."""
+  i, n = operator.index(record_key), len(source)
+  if i < 0:
+    i += n
+  if not 0 <= i < n:
+    raise IndexError(f"Index {record_key} is out of range for {source!r} of length {n}.")
+  return i
 
 
 def _prepared_builder(tfds, name: str, data_dir, shown_dir: str):

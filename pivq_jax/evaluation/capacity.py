@@ -4,11 +4,9 @@ All in bits per image, computed with log-gamma because the binomials are astrono
 large (C(4096, 512) has ~2,221 bits).
 """
 
-import io
 
 import matplotlib
 import numpy as np
-from PIL import Image
 from scipy.special import gammaln
 
 from pivq_jax import visualize
@@ -74,10 +72,4 @@ def plot_capacity(path, *, length: int = 512, k_img: int | None = 49, k_max: int
   ax.set_title(f"Capacity of an L={length} code set")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png")
-  plt.close(fig)
-  image = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-  visualize.save_png(path, image)
-  return image
+  return visualize.save_figure(path, fig)

@@ -17,13 +17,11 @@ within max_iter; CelebA's 40 attributes at L = 512 are ~15 min. `n_jobs` spreads
 """
 
 from collections.abc import Mapping, Sequence
-import io
 import warnings
 
 import joblib
 import matplotlib
 import numpy as np
-from PIL import Image
 from scipy import sparse
 from sklearn import exceptions as sklearn_exceptions
 from sklearn import linear_model
@@ -184,10 +182,4 @@ def plot_probing(path, results: Mapping[str, Mapping], *,
   ax.set_title(title + (f" ({skipped} constant skipped)" if skipped else ""))
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # clear of the bars
-  buf = io.BytesIO()
-  fig.tight_layout()
-  fig.savefig(buf, format="png")
-  plt.close(fig)
-  image = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-  visualize.save_png(path, image)
-  return image
+  return visualize.save_figure(path, fig)
