@@ -20,7 +20,7 @@ def _tiny(variant="factorqvae"):
   return c
 
 
-def test_train_resume_and_eval_with_disentanglement_metrics(tmp_path):
+def test_train_resume_and_reproducible_eval(tmp_path):
   c = _tiny()
   workdir = str(tmp_path / "fq")
   c.num_train_steps = 2
