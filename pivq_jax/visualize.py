@@ -1,6 +1,7 @@
 """Image grids for people to look at: PNG files in the workdir and TensorBoard images."""
 
 import io
+import os
 
 from etils import epath
 import numpy as np
@@ -54,6 +55,6 @@ def write_atomic(path, data: bytes) -> None:
   """Writes under a temporary name, then renames: never a half-written file that looks whole."""
   path = epath.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")  # hosts may share the directory
   tmp.write_bytes(data)
   tmp.replace(path)

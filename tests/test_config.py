@@ -93,7 +93,20 @@ def test_resolution_not_divisible_by_downsampling(tiny):
 
 def test_batch_not_divisible_by_devices(tiny):
   tiny.batch_size = 6
-  assert "divisible by the 4 devices" in _check(tiny, devices=4)
+  assert "does not split over the mesh's 4 data x fsdp devices" in _check(tiny, devices=4)
+  # The model axis holds copies of the same rows: 6 splits over data=2 x model=3.
+  tiny.mesh.update(data=-1, model=3)
+  config_lib.check_config(tiny, num_devices=6)  # no error
+
+
+@pytest.mark.parametrize("mesh, expected", [
+    (dict(data=3), "has 3 devices but there are 4"),
+    (dict(fsdp=3), "do not split into mesh.fsdp=3"),
+    (dict(model=0), "sizes must be positive"),
+])
+def test_mesh_that_does_not_fit_the_devices(tiny, mesh, expected):
+  tiny.mesh.update(mesh)
+  assert expected in _check(tiny, devices=4)
 
 
 @pytest.mark.parametrize("data, expected", [

@@ -2,9 +2,10 @@
 
 Training batches are a pure function of the step: the shuffled, repeated dataset is indexed
 by `step`, so resuming at step s reads exactly the batches an uninterrupted run would have
-read (no iterator state to checkpoint). Each process reads its own strided slice of the
-global example stream (`process_index::process_count`), the grain analogue of
-`tfds.split_for_jax_process`.
+read (no iterator state to checkpoint). Each process reads only its own rows: global batch s
+is the stream's examples [s*G, (s+1)*G), and process p reads the consecutive block
+[s*G + p*G/P, s*G + (p+1)*G/P) of it. So the global batch, in order, is the same for any
+number of processes, and a 2-host run trains on exactly what a 1-host run does.
 """
 
 import os
@@ -98,7 +99,8 @@ def train_batches(source, *, local_batch: int, seed: int, start_step: int = 0,
                   num_threads: int = 2, prefetch: int = 4) -> Iterator[dict[str, np.ndarray]]:
   """Infinite iterator of this process's batches for steps start_step, start_step+1, ..."""
   ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
-  ds = ds[process_index::process_count].batch(local_batch, drop_remainder=True)
+  # Blocks of local_batch consecutive examples; process p takes every P-th block from p.
+  ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   ds = ds[start_step:]
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                    prefetch_buffer_size=prefetch)))
@@ -129,7 +131,7 @@ def subset_batches(source, *, num_examples: int, batch_size: int, process_index:
     raise ValueError(f"The split has {len(source)} examples, fewer than one global eval "
                      f"batch of {batch_size * process_count}; lower --config.eval.batch_size "
                      "(or eval.feature_batch_size).")
-  ds = grain.MapDataset.source(source).shuffle(seed=0)[:n][process_index::process_count]
-  ds = ds.batch(batch_size, drop_remainder=True)
+  ds = grain.MapDataset.source(source).shuffle(seed=0)[:n]
+  ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]  # as above
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                    prefetch_buffer_size=4)))

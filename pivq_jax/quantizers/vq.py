@@ -9,12 +9,14 @@ assigned to codes:
 Losses and straight-through gradients are shared (spec §2).
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pivq_jax import sharding
 from pivq_jax.quantizers import matching
 from pivq_jax.quantizers import nearest
 
@@ -73,7 +75,9 @@ class VectorQuantizer(nn.Module):
     if self.assignment == "nearest":
       return nearest.assign(d2)
     # Matching minimises the sum of plain (not squared) Euclidean distances (spec §2).
-    return matching.assign(jnp.sqrt(jnp.maximum(d2, 0.0)), solver=self.solver)
+    # Each device solves its own images (the solver's loop length varies per image).
+    solve = functools.partial(matching.assign, solver=self.solver)
+    return sharding.per_example(solve, jnp.sqrt(jnp.maximum(d2, 0.0)))
 
   def lookup(self, indices):
     return jnp.take(self.codebook, indices, axis=0)
