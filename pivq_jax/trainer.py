@@ -173,7 +173,7 @@ def abstract_train_state(model, disc, tx, config, mesh, disc_tx=None):
                       disc_opt_state=disc_tx.init(d_vars["params"]),
                       history=jnp.zeros((rows, config.model.emb_dim), jnp.float32))
 
-  shapes = jax.eval_shape(init, jax.random.key(config.seed))
+  shapes = jax.eval_shape(lambda: init(jax.random.key(config.seed)))
   shardings = sharding_lib.tree_shardings(shapes, mesh)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
