@@ -192,8 +192,10 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert mngr.latest_step() == last + 2
 
 
-def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  workdir = tmp_path / "run"
+def test_sigterm_saves_exits_and_resumes_exactly(tmp_path):
+  """A real SIGTERM to a real training process: it saves the step it reached and exits 0;
+  running the same command again continues exactly as an uninterrupted run."""
+  workdir, straight = tmp_path / "run", tmp_path / "straight"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(
       _main_cmd(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=1000",
@@ -209,8 +211,22 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
+  assert "Preempted: saved step" in err
   with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
-    assert mngr.latest_step() is not None and mngr.latest_step() > 0
+    stopped = mngr.latest_step()
+  assert stopped is not None and stopped > 0
+  # Resume to a few steps past the stop (through T_q=5 when stopped before it), and compare
+  # with a run that was never interrupted.
+  end = ["--config.checkpoint_every=1000", f"--config.num_train_steps={max(stopped, 5) + 3}"]
+  for w in (workdir, straight):
+    out = subprocess.run(_main_cmd(w, *end), cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+  step_a, params_a = _restore_params(workdir)
+  step_b, params_b = _restore_params(straight)
+  assert step_a == step_b == max(stopped, 5) + 3
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
+               params_a, params_b)
 
 
 def test_relative_workdir(tiny, tmp_path, monkeypatch):
