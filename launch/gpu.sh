@@ -36,7 +36,8 @@ calls jax.distributed.initialize().
 Environment: PIVQ_LAUNCH_PYTHON is the python to run (default: python).
 EOF
 }
-die() { printf '%s: %s\n' "$prog" "$*" >&2; exit 2; }
+# shellcheck source=launch/options.sh
+source "$(dirname "${BASH_SOURCE[0]}")/options.sh"  # die, parse_options
 
 # Prints a command shell-quoted (copy-pastable).
 print_cmd() {
@@ -51,43 +52,22 @@ print_cmd() {
 
 config= workdir= mode=train venv= num_nodes= node_rank= coordinator= port=12345
 slurm=0 dry_run=0
-extra=()
-value_opts=" --config --workdir --mode --venv --num-nodes --node-rank --coordinator --port "
-flag_opts=" --slurm --dry-run "
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    --) extra=("$@"); break ;;
-    -h | --help) usage; exit 0 ;;
-    --*=*) key=${arg%%=*} val=${arg#*=} ;;
-    --*) key=$arg val= ;;
-    *) die "unexpected argument '$arg' (trainer flags go after --; see --help)." ;;
-  esac
-  if [[ $value_opts == *" $key "* ]]; then
-    if [[ $arg != *=* ]]; then  # also accept `--key value`
-      (($# > 0)) && [[ $1 != --* ]] || die "$key needs a value."
-      val=$1
-      shift
-    fi
-  elif [[ $flag_opts == *" $key "* ]]; then
-    [[ $arg != *=* ]] || die "$key takes no value."
-  else
-    die "unknown option '$key' (see --help)."
-  fi
-  case $key in
-    --config) config=$val ;;
-    --workdir) workdir=$val ;;
-    --mode) mode=$val ;;
-    --venv) venv=$val ;;
-    --num-nodes) num_nodes=$val ;;
-    --node-rank) node_rank=$val ;;
-    --coordinator) coordinator=$val ;;
-    --port) port=$val ;;
+set_option() {
+  case $1 in
+    --config) config=$2 ;;
+    --workdir) workdir=$2 ;;
+    --mode) mode=$2 ;;
+    --venv) venv=$2 ;;
+    --num-nodes) num_nodes=$2 ;;
+    --node-rank) node_rank=$2 ;;
+    --coordinator) coordinator=$2 ;;
+    --port) port=$2 ;;
     --slurm) slurm=1 ;;
     --dry-run) dry_run=1 ;;
   esac
-done
+}
+parse_options "--config --workdir --mode --venv --num-nodes --node-rank --coordinator --port" \
+  "--slurm --dry-run" "$@"
 
 [[ -n $config ]] || die "--config is required (see --help)."
 [[ -n $workdir ]] || die "--workdir is required (see --help)."

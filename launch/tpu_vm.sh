@@ -38,7 +38,8 @@ on all workers at once. Every step is one command; --dry-run prints them instead
   -- TRAINER_FLAGS...    Passed verbatim to pivq_jax.main, e.g. -- --config.batch_size=32
 EOF
 }
-die() { printf '%s: %s\n' "$prog" "$*" >&2; exit 2; }
+# shellcheck source=launch/options.sh
+source "$(dirname "${BASH_SOURCE[0]}")/options.sh"  # die, parse_options
 note() { printf '%s: %s\n' "$prog" "$*" >&2; }
 
 # Prints a command shell-quoted (copy-pastable), or runs it.
@@ -61,47 +62,27 @@ quote() {
 name= zone= accelerator= workdir= config= tfds_data_dir= project=
 version=tpu-ubuntu2204-base mode=train python=python3.11
 create=0 spot=0 detach=0 dry_run=0
-extra=()
-value_opts=" --name --zone --accelerator --workdir --config --tfds-data-dir --mode --version --project --python "
-flag_opts=" --create --spot --detach --dry-run "
-while (($#)); do
-  arg=$1
-  shift
-  case $arg in
-    --) extra=("$@"); break ;;
-    -h | --help) usage; exit 0 ;;
-    --*=*) key=${arg%%=*} val=${arg#*=} ;;
-    --*) key=$arg val= ;;
-    *) die "unexpected argument '$arg' (trainer flags go after --; see --help)." ;;
-  esac
-  if [[ $value_opts == *" $key "* ]]; then
-    if [[ $arg != *=* ]]; then  # also accept `--key value`
-      (($# > 0)) && [[ $1 != --* ]] || die "$key needs a value."
-      val=$1
-      shift
-    fi
-  elif [[ $flag_opts == *" $key "* ]]; then
-    [[ $arg != *=* ]] || die "$key takes no value."
-  else
-    die "unknown option '$key' (see --help)."
-  fi
-  case $key in
-    --name) name=$val ;;
-    --zone) zone=$val ;;
-    --accelerator) accelerator=$val ;;
-    --workdir) workdir=$val ;;
-    --config) config=$val ;;
-    --tfds-data-dir) tfds_data_dir=$val ;;
-    --mode) mode=$val ;;
-    --version) version=$val ;;
-    --project) project=$val ;;
-    --python) python=$val ;;
+set_option() {
+  case $1 in
+    --name) name=$2 ;;
+    --zone) zone=$2 ;;
+    --accelerator) accelerator=$2 ;;
+    --workdir) workdir=$2 ;;
+    --config) config=$2 ;;
+    --tfds-data-dir) tfds_data_dir=$2 ;;
+    --mode) mode=$2 ;;
+    --version) version=$2 ;;
+    --project) project=$2 ;;
+    --python) python=$2 ;;
     --create) create=1 ;;
     --spot) spot=1 ;;
     --detach) detach=1 ;;
     --dry-run) dry_run=1 ;;
   esac
-done
+}
+parse_options \
+  "--name --zone --accelerator --workdir --config --tfds-data-dir --mode --version --project --python" \
+  "--create --spot --detach --dry-run" "$@"
 
 for required in name zone accelerator workdir config; do
   [[ -n ${!required} ]] || die "--${required} is required (see --help)."

@@ -34,10 +34,12 @@ c = tiny_config()
 c.update(json.loads(sys.argv[1]))
 print("RESULTS " + json.dumps(trainer.run(c, sys.argv[2])), flush=True)
 """
-_OVERRIDES = {"batch_size": 8, "eval_every": 6, "checkpoint_every": 6,  # one eval, at the end
+# One eval, at the end; no LPIPS (another conv net, for CI time); D and its BatchNorm stay.
+_OVERRIDES = {"batch_size": 8, "eval_every": 6, "checkpoint_every": 6,
+              "loss": {"lpips_weight": 0.0},
               "eval": {"batch_size": 8, "num_examples": 16, "feature_batch_size": 8,
                        "lpips_net": ""}}
-_COMPARED = ("train/loss", "train/l1", "train/lpips", "train/vq_loss", "train/g_loss",
+_COMPARED = ("train/loss", "train/l1", "train/vq_loss", "train/g_loss",
              "train/d_loss", "eval/ema/psnr", "eval/raw/l1")
 
 
