@@ -12,9 +12,9 @@ from absl import app
 from absl import flags
 from etils import epath
 import jax
-import ml_collections
 import numpy as np
 
+from pivq_jax import config_lib
 from pivq_jax import trainer
 from pivq_jax.data import pipeline
 
@@ -24,11 +24,13 @@ _NUM = flags.DEFINE_integer("num_images", 64, "Held-out images to encode.")
 
 
 def main(_):
-  config = ml_collections.ConfigDict(
-      json.loads((epath.Path(_WORKDIR.value) / "config.json").read_text()))
+  # The schema's defaults first: workdirs from older versions lack newer fields.
+  config = config_lib.base_config()
+  config.update(json.loads((epath.Path(_WORKDIR.value) / "config.json").read_text()))
   mesh = trainer.make_mesh(config)
-  model, tx = trainer.build_model(config), trainer.build_optimizer(config)
-  state, shardings = trainer.create_train_state(model, tx, config, mesh)
+  model, disc = trainer.build_model(config), trainer.build_discriminator(config)
+  state, shardings = trainer.create_train_state(model, disc, trainer.build_optimizer(config),
+                                                config, mesh)
   mngr = trainer.checkpoint_manager(_WORKDIR.value, config)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {_WORKDIR.value}/checkpoints; train first.")
