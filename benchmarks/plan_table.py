@@ -17,6 +17,7 @@ import json
 
 from absl import app
 from absl import flags
+import numpy as np
 
 from pivq_jax import plan
 
@@ -41,22 +42,29 @@ def main(_):
   for name in _CONFIGS.value:
     c = _load(name)
     c.plan.topology = _TOPOLOGY.value
+    images = c.num_train_steps * c.batch_size  # what the paper's schedule shows the model
     key = json.dumps({s: c[s].to_dict() if hasattr(c[s], "to_dict") else c[s]
                       for s in _STEP_SECTIONS} | {"r": c.data.resolution}, sort_keys=True)
     if key not in done:  # e.g. ffhq.py and celebahq.py: the same model and schedule
       done[key] = plan.per_device_batch_sweep(c, f"/tmp/plan_{name}", _PER_DEVICE.value)
     for p in done[key]:
-      rows.append(dict(p, config=name))
-  print(f"\n| config | per-device batch | global batch v4-8 / 8xH100 | memory per device "
-        f"(GiB) | GFLOP per device-step | v4-8: ms/step, days | 8xH100: ms/step, days |")
-  print("|---|---|---|---|---|---|---|")
+      rows.append(dict(p, config=name, paper_images=images))
+  # Days to show the model as many images as the paper's schedule does.
+  print("\n| config | per-device batch | memory per device (fits v4 32 GiB / H100 80 GiB) | "
+        "GFLOP per device-step | v4-8: global batch, ms/step, days | 8×H100: global batch, "
+        "ms/step, days |")
+  print("|---|---|---|---|---|---|")
   for p in rows:
-    v4, h100 = p["estimates"]["TPU v4"], p["estimates"]["H100 SXM"]
-    b = p["per_device_batch"]
-    print(f"| {p['config']} | {b} | {p['global_batch']} / {8 * b} | "
-          f"{p['memory_gib']['total']:.1f} | {p['gflops_per_device_step']:,.0f} | "
-          f"{v4['step_ms']:.0f}, {v4['days']:.1f} | {h100['step_ms']:.0f}, "
-          f"{h100['days']:.1f} |")
+    b, mem = p["per_device_batch"], p["memory_gib"]["total"]
+    cells = []
+    n_tpu = int(np.prod(list(p["mesh"].values())))  # the compiled slice's devices
+    for acc, devices, hbm in (("TPU v4", n_tpu, 32), ("H100 SXM", 8, 80)):
+      e = p["estimates"][acc]
+      days = e["step_ms"] / 1e3 * p["paper_images"] / (devices * b) / 86400
+      cells.append(f"{devices * b}, {e['step_ms']:.0f}, {days:.2f}")
+    fits = " / ".join("yes" if mem <= hbm else "no" for hbm in (32, 80))
+    print(f"| `{p['config']}.py` | {b} | {mem:.1f} GiB ({fits}) | "
+          f"{p['gflops_per_device_step']:,.0f} | {cells[0]} | {cells[1]} |")
   if _OUT.value:
     with open(_OUT.value, "w") as f:
       json.dump(rows, f, indent=2)

@@ -8,7 +8,6 @@ import shlex
 import stat
 import subprocess
 import sys
-import tarfile
 import time
 
 import pytest
