@@ -16,7 +16,6 @@ inputs only (no data, no parameters allocated), and report what a run would cost
 """
 
 import dataclasses
-import functools
 import json
 
 from absl import logging
@@ -94,25 +93,18 @@ def compile_train_step(config, mesh, lpips_params=None):
   _, abstract, shardings = trainer.abstract_train_state(model, disc, tx, config, mesh,
                                                         disc_tx)
   r = config.data.resolution
-  batch_sharding = sharding_lib.batch_sharding(mesh)
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, r, r, 3), jnp.uint8,
-                                         sharding=batch_sharding)}
+                                         sharding=sharding_lib.batch_sharding(mesh))}
+  step = trainer.jit_train_step(config, model, disc, tx, disc_tx, shardings, mesh,
+                                quantize=True,
+                                adversarial_on=bool(config.loss.adversarial_weight))
   if config.family == "factorqvae":
-    step = jax.jit(functools.partial(trainer.factorqvae_step, model=model, disc=disc, tx=tx,
-                                     disc_tx=disc_tx, config=config),
-                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None),
-                   donate_argnums=0)
     return step.lower(abstract, batch).compile()
-  replicated = sharding_lib.replicated(mesh)
   lp = None
   if config.loss.lpips_weight:  # frozen weights: their shapes only
+    replicated = sharding_lib.replicated(mesh)
     lp = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                       lpips_params)
-  adversarial = bool(config.loss.adversarial_weight)
-  step = jax.jit(functools.partial(trainer.train_step, model=model, disc=disc, tx=tx,
-                                   config=config, quantize=True, adversarial_on=adversarial),
-                 in_shardings=(shardings, batch_sharding, replicated),
-                 out_shardings=(shardings, None), donate_argnums=0)
   return step.lower(abstract, batch, lp).compile()
 
 
@@ -192,12 +184,11 @@ def format_plan(plan: dict) -> str:
 def per_device_batch_sweep(config, workdir, per_device_batches) -> list[dict]:
   """The plan at several per-device batch sizes (README: what a larger batch would cost)."""
   out = []
+  devices = target_devices(config.plan.topology)
+  m = config.mesh
+  data, fsdp, _ = sharding_lib.mesh_shape(m.data, m.fsdp, m.model, len(devices))
   for b in per_device_batches:
     c = config.copy_and_resolve_references()
-    devices = target_devices(c.plan.topology)
-    m = c.mesh
-    ways = len(devices) // (m.fsdp * m.model) if m.data == -1 else m.data * m.fsdp
-    c.batch_size = int(b) * ways
+    c.batch_size = int(b) * data * fsdp
     out.append(run(c, workdir))
   return out
-

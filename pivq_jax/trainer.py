@@ -383,6 +383,25 @@ def train_step(state: TrainState, batch, lpips_params, *, model, disc, tx, confi
   return new_state, metrics
 
 
+def jit_train_step(config, model, disc, tx, disc_tx, shardings, mesh, *,
+                   quantize: bool = True, adversarial_on: bool = True):
+  """The jitted update of config.family, state donated; the loop and --mode=plan share it.
+
+  PI-VQ's takes (state, batch, lpips_params), FactorQVAE's (state, batch).
+  """
+  batch, replicated = sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh)
+  if config.family == "factorqvae":
+    fn = functools.partial(factorqvae_step, model=model, disc=disc, tx=tx, disc_tx=disc_tx,
+                           config=config)
+    in_shardings = (shardings, batch)
+  else:
+    fn = functools.partial(train_step, model=model, disc=disc, tx=tx, config=config,
+                           quantize=quantize, adversarial_on=adversarial_on)
+    in_shardings = (shardings, batch, replicated)
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+
 # ----------------------------------------------------------------------------------------
 # Evaluation on the held-out split: L1, PSNR, distinct codes per image, codebook usage.
 # ----------------------------------------------------------------------------------------
@@ -930,7 +949,8 @@ class _Preemption:
 
   def __init__(self):
     self.requested = False
-    if jax.process_count() > 1:
+    self._multihost = jax.process_count() > 1
+    if self._multihost:
       return
     try:
       signal.signal(signal.SIGTERM, self._handle)
@@ -943,7 +963,8 @@ class _Preemption:
     self.requested = True
 
   def reached(self, mngr: ocp.CheckpointManager, step: int) -> bool:
-    return self.requested or mngr.reached_preemption(step)
+    # Only several hosts have a preemption service to ask (each step, so cheap when alone).
+    return self.requested or (self._multihost and mngr.reached_preemption(step))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> dict:
@@ -1101,18 +1122,12 @@ def _run(config, workdir: str, mode: str, mesh: jax.sharding.Mesh) -> dict:
   # ---- training loop ----------------------------------------------------------------
   # Up to three compiled variants, by phase: before T_q without the quantizer, then with
   # it, and from loss.disc_start_step with the GAN terms too.
-  step_fns = {(q, a): jax.jit(
-      functools.partial(train_step, model=model, disc=disc, tx=tx, config=config,
-                        quantize=q, adversarial_on=a),
-      in_shardings=(shardings, data_sharding, replicated),
-      out_shardings=(shardings, None), donate_argnums=0)
+  step_fns = {(q, a): jit_train_step(config, model, disc, tx, disc_tx, shardings, mesh,
+                                     quantize=q, adversarial_on=a)
               for q in (False, True) for a in (False, True)}
   if fq:
-    step_fns = {"factorqvae": jax.jit(
-        functools.partial(factorqvae_step, model=model, disc=disc, tx=tx, disc_tx=disc_tx,
-                          config=config),
-        in_shardings=(shardings, data_sharding), out_shardings=(shardings, None),
-        donate_argnums=0)}
+    step_fns = {"factorqvae": jit_train_step(config, model, disc, tx, disc_tx, shardings,
+                                             mesh)}
   adversarial_on = lambda step: bool(config.loss.adversarial_weight) and (
       step >= config.loss.disc_start_step)
   train_lpips = lpips_params.get(config.loss.lpips_net) if config.loss.lpips_weight else None
