@@ -177,6 +177,7 @@ def factorqvae_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   f.blocks_per_group = 2
   f.hidden_dim = 128
   f.decoder_input_channels = 64
+  f.image_offset = 0.5  # the network sees x - 0.5, i.e. [-0.5, 0.5] like the reference
   f.beta = 1e-3  # KL weight, Shapes3D (Table A.3)
   f.gamma = 1e-4  # TC weight, Shapes3D
   f.tau_rate = 2e-5  # tau = exp(-rate * iteration); the reference's global step counts 2

@@ -63,7 +63,7 @@ def build_model(config):
         latent_dim=f.latent_dim, num_values=f.num_values, variant=f.variant,
         resolution=config.data.resolution, channels=f.channels, num_groups=f.num_groups,
         blocks_per_group=f.blocks_per_group, hidden_dim=f.hidden_dim,
-        decoder_input_channels=f.decoder_input_channels,
+        decoder_input_channels=f.decoder_input_channels, image_offset=f.image_offset,
         dtype=jnp.dtype(config.model.dtype))
   m, q = config.model, config.quantizer
   quantizer = vq.VectorQuantizer(

@@ -129,6 +129,20 @@ def test_bf16_compute_keeps_float32_params_and_outputs():
   assert x_hat.dtype == jnp.float32 and aux["weights"].dtype == jnp.float32
 
 
+def test_image_offset_centres_the_network():
+  # The network works on x - 0.5 (the reference's [-0.5, 0.5]) and hands back [0, 1]:
+  # the same parameters with offset 0 on shifted images give the shifted output.
+  _, params = _init("qvae")
+  x = _images(3)
+  centred, plain = _tiny("qvae"), _tiny("qvae", image_offset=0.0)
+  assert centred.image_offset == 0.5
+  out = centred.apply({"params": params}, x, train=False)[0]
+  ref = plain.apply({"params": params}, x - 0.5, train=False)[0] + 0.5
+  np.testing.assert_allclose(out, ref, atol=1e-6)
+  # At init the decoder's output is ~0, so reconstructions start at mid-grey, not black.
+  assert abs(float(jnp.mean(out)) - 0.5) < 0.05
+
+
 @pytest.mark.parametrize("variant", list(factorqvae.VARIANTS))
 def test_variant_shapes_and_codes(variant):
   model, params = _init(variant)
@@ -361,7 +375,7 @@ def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
     mse.append(float(metrics["mse"]))
     d_losses.append(float(metrics["disc_loss"]))
     assert np.isfinite(float(metrics["tc"]))
-  assert np.mean(mse[-3:]) < 0.6 * np.mean(mse[:3]), mse
+  assert np.mean(mse[-3:]) < 0.75 * np.mean(mse[:3]), mse
   assert np.all(np.isfinite(d_losses)) and abs(d_losses[0] - math.log(2)) < 0.05
   # Both optimizers moved their own parameters.
   changed = lambda a, b: any(bool(jnp.any(u != v)) for u, v in

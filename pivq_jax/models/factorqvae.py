@@ -222,6 +222,10 @@ class FactorQVAE(nn.Module):
       and spec use the soft sample (False).
     qlae_codebook_init: "linspace" (Hsu et al.: linspace(-0.5, 0.5)) or "normal" (N(0, 1),
       FactorQVAE's PyTorch QLAE).
+    image_offset: subtracted from the [0, 1] input before the encoder and added back to the
+      decoder's output, so the network works in [-0.5, 0.5] as the reference does (0.5)
+      while x_hat, the MSE and PSNR stay in [0, 1]. With 0 and the N(0, 0.02) init the
+      decoder starts 0.5 below every pixel and, on faces, stalls at the mean image.
     dtype: compute dtype; parameters, quantizer and outputs stay float32.
   """
   latent_dim: int
@@ -237,6 +241,7 @@ class FactorQVAE(nn.Module):
   distance: str = "squared"
   straight_through: bool = False
   qlae_codebook_init: str = "linspace"
+  image_offset: float = 0.5
   dtype: Any = jnp.float32
 
   @property
@@ -269,7 +274,7 @@ class FactorQVAE(nn.Module):
   def encode(self, x):
     """x float[B, R, R, 3] -> the head output h, float32: [B, d] for quantized / qlae,
     logits [B, d, K] for logits, [B, 2d] (mu, then logvar) for gaussian."""
-    h = self.encoder(x)
+    h = self.encoder(x.astype(jnp.float32) - self.image_offset)
     if self.posterior == "logits":
       h = h.reshape(h.shape[0], self.latent_dim, self.num_values)
     return h
@@ -319,8 +324,8 @@ class FactorQVAE(nn.Module):
     return z, aux
 
   def decode(self, z):
-    """z float[B, d] -> x_hat float32[B, R, R, 3]."""
-    return self.decoder(z)
+    """z float[B, d] -> x_hat float32[B, R, R, 3], in the input's [0, 1] range."""
+    return self.decoder(z) + self.image_offset
 
   def codebook_values(self, codes):
     """codes int[B, d] -> the scalars they select, float32[B, d] (discrete posteriors)."""
