@@ -127,6 +127,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 5k test points); PI-VQ's latents are its K code-presence bits. 0 = off.
   c.eval.dci_train_examples = 10_000
   c.eval.dci_test_examples = 5_000
+  # FactorQVAE's DCI trees read the raw code indices as numbers (the reference's quirk,
+  # though the codebook's order is arbitrary); True gives them the selected codebook scalars,
+  # whose order means something. InfoMEC is the same either way (a bijection per latent).
+  c.eval.dci_code_values = False
 
   # --mode=sample: interpolation samples (paper §3.5) from random training pairs.
   c.sample = ml_collections.ConfigDict()

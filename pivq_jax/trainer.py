@@ -527,10 +527,10 @@ def evaluate_factorqvae(eval_fn, params, eval_data, sharding, num_values: int):
 # Disentanglement (DCI, InfoMEC) on datasets with ground-truth factors, both families:
 # FactorQVAE's d codes, PI-VQ's K code-presence bits (what neither paper did).
 # ----------------------------------------------------------------------------------------
-def latents_step(params, batch, *, model, family: str):
+def latents_step(params, batch, *, model, family: str, code_values: bool = False):
   x = _images(batch)
   if family == "factorqvae":
-    return model.apply({"params": params}, x, method="encode_codes")
+    return model.apply({"params": params}, x, as_values=code_values, method="encode_codes")
   return model.apply({"params": params}, x, method="encode_to_indices")
 
 
@@ -541,7 +541,8 @@ def run_disentanglement(state, model, config, sources, sharding) -> dict:
     logging.info("Dataset %s has no ground-truth factors: no DCI / InfoMEC.",
                  config.data.name)
     return {}
-  fn = jax.jit(functools.partial(latents_step, model=model, family=config.family))
+  fn = jax.jit(functools.partial(latents_step, model=model, family=config.family,
+                                 code_values=e.dci_code_values))
 
   def latents(split, n):
     codes, kept = map_subset(lambda x: fn(state.ema_params, {"image": x}), sources[split], n,

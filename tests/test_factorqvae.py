@@ -383,3 +383,14 @@ def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
   assert changed(first.params, state.params)
   assert changed(first.disc_params, state.disc_params)
   np.testing.assert_allclose(metrics["tau"], math.exp(-24 * 2e-5), rtol=1e-6)
+
+
+def test_dci_latents_are_codes_or_their_codebook_values():
+  # eval.dci_code_values: the trees read the raw indices (reference) or the scalars.
+  model, params = _init("factorqvae")
+  batch = {"image": _images(4) * 255.0}
+  codes = trainer.latents_step(params, batch, model=model, family="factorqvae")
+  values = trainer.latents_step(params, batch, model=model, family="factorqvae",
+                                code_values=True)
+  assert codes.dtype == jnp.int32 and values.dtype == jnp.float32
+  np.testing.assert_array_equal(values, params["codebook"][codes])
