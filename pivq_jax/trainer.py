@@ -534,7 +534,7 @@ def latents_step(params, batch, *, model, family: str, code_values: bool = False
   return model.apply({"params": params}, x, method="encode_to_indices")
 
 
-def run_disentanglement(state, model, config, sources, sharding) -> dict:
+def run_disentanglement(state, model, config, workdir, sources, sharding, writer) -> dict:
   e, fq = config.eval, config.family == "factorqvae"
   names = _label_names(sources["test"])
   if "factors" not in names:
@@ -567,6 +567,15 @@ def run_disentanglement(state, model, config, sources, sharding) -> dict:
   out.update({f"eval/infomec/{k}": float(info[k]) for k in ("infom", "infoe", "infoc")})
   logging.info("DCI / InfoMEC on %d train and %d test images: %s", len(z_train),
                len(z_test), {k: round(v, 4) for k, v in out.items()})
+  step = int(state.step)
+  image = disentanglement.plot_scores(
+      epath.Path(workdir) / "images" / f"disentanglement_{step:08d}.png", dci["importance"],
+      info["nmi"], names["factors"],
+      latent_labels=[f"z{i}" if fq else f"code {i}" for i in range(z.shape[1])],
+      title=f"{config.data.name}, step {step}: D {dci['disentanglement']:.2f} "
+            f"C {dci['completeness']:.2f} InfoM {info['infom']:.2f} "
+            f"InfoC {info['infoc']:.2f}")
+  writer.write_images(step, {"eval/disentanglement": image[None]})
   return out
 
 
@@ -1053,6 +1062,7 @@ def _run(config, workdir: str, mode: str, mesh: jax.sharding.Mesh) -> dict:
                     static_argnames=("quantize", "lpips_net"))
 
   fq_eval_fn = jax.jit(functools.partial(factorqvae_eval_step, model=model))
+  fq_traverse_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method="traverse"))
 
   def run_eval_factorqvae(step):
     metrics, recon = evaluate_factorqvae(fq_eval_fn, state.params, eval_data, data_sharding,
@@ -1061,6 +1071,11 @@ def _run(config, workdir: str, mode: str, mesh: jax.sharding.Mesh) -> dict:
     image = recon_grid(eval_data[0], recon, config.eval.grid_images)
     visualize.save_png(epath.Path(workdir) / "images" / f"recon_{step:08d}.png", image)
     writer.write_images(step, {"eval/recon": image[None]})
+    # Paper Figs. 2-4: what each latent does to the first eval image.
+    rows = np.asarray(fq_traverse_fn(state.params, _images(eval_data[0])[:1]))
+    image = visualize.grid([visualize.to_uint8(r) for r in rows])
+    visualize.save_png(epath.Path(workdir) / "images" / f"traversal_{step:08d}.png", image)
+    writer.write_images(step, {"eval/traversal": image[None]})
     writer.write_scalars(step, results)
     writer.flush()
     return results
@@ -1112,7 +1127,8 @@ def _run(config, workdir: str, mode: str, mesh: jax.sharding.Mesh) -> dict:
       extra.update(run_probing(state, model, config, workdir, test_source, data_sharding,
                                writer))
     if quantized and config.eval.dci_train_examples and config.eval.dci_test_examples:
-      extra.update(run_disentanglement(state, model, config, sources, data_sharding))
+      extra.update(run_disentanglement(state, model, config, workdir, sources, data_sharding,
+                                       writer))
     writer.write_scalars(start_step, extra)
     writer.flush()
     results.update(extra)

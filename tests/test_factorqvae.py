@@ -394,3 +394,23 @@ def test_dci_latents_are_codes_or_their_codebook_values():
                                 code_values=True)
   assert codes.dtype == jnp.int32 and values.dtype == jnp.float32
   np.testing.assert_array_equal(values, params["codebook"][codes])
+
+
+@pytest.mark.parametrize("variant", ["factorqvae", "betavae", "qlae"])
+def test_traversal_sweeps_one_latent_per_row(variant):
+  model, params = _init(variant)
+  x = _images(2)
+  rows = model.apply({"params": params}, x, num_steps=5, method="traverse")
+  assert rows.shape == (D, 5, R, R, 3)
+  # Each row's ends decode the latent at its range's ends, the others as encoded.
+  if variant == "betavae":
+    z = model.apply({"params": params}, x[:1], method="encode_codes")[0]
+    lo = z - 3.0
+  else:
+    codes = model.apply({"params": params}, x[:1], method="encode_codes")
+    z = model.apply({"params": params}, codes, method="codebook_values")[0]
+    lo = params["codebook"].min(axis=-1 if variant == "qlae" else None) * jnp.ones(D)
+  for i in (0, D - 1):
+    np.testing.assert_allclose(
+        rows[i, 0], model.apply({"params": params}, z.at[i].set(lo[i])[None],
+                                method="decode")[0], atol=1e-5)

@@ -6,6 +6,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 
 from conftest import load_config
@@ -38,6 +39,10 @@ def test_train_resume_and_reproducible_eval(tmp_path):
   for k in ("eval/l1", "eval/psnr", "eval/mse"):
     assert np.isfinite(evals[0][k])
   assert evals[0] == evals[1]  # the same seed gives the same numbers
+  # The latent traversal: one row per latent, 8 steps each (2 px padding).
+  r, d = c.data.resolution, c.factorqvae.latent_dim
+  with Image.open(os.path.join(workdir, "images", "traversal_00000004.png")) as im:
+    assert im.size == (8 * (r + 2) + 2, d * (r + 2) + 2)
   with pytest.raises(config_lib.ConfigError, match="FactorQVAE runs take"):
     trainer.run(c, workdir, mode="export")
 
@@ -47,8 +52,8 @@ def test_disentanglement_of_codes_that_track_the_factors(monkeypatch, tmp_path):
   workdir = str(tmp_path / "q")
   trainer.run(c, workdir)
 
-  def fake_latents(params, batch, *, model, family):
-    del params, model, family
+  def fake_latents(params, batch, *, model, family, code_values):
+    del params, model, family, code_values
     # A 4-step model's codes are constant; the corner pixel's colour is a stand-in code
     # that the background-hue factor (and lighting) sets.
     return batch["image"][:, 0, 0, :].astype(jnp.int32)
@@ -60,6 +65,8 @@ def test_disentanglement_of_codes_that_track_the_factors(monkeypatch, tmp_path):
     assert 0 <= results[f"eval/dci/{k}"] <= 1
   for k in ("infom", "infoe"):
     assert np.isfinite(results[f"eval/infomec/{k}"])
+  # The importance / NMI picture (PNG and TensorBoard).
+  assert os.path.getsize(os.path.join(workdir, "images", "disentanglement_00000004.png")) > 0
 
 
 @pytest.mark.parametrize("variant", ["betavae"])

@@ -51,6 +51,8 @@ from sklearn import linear_model
 from sklearn import metrics
 from sklearn import preprocessing
 
+from pivq_jax import visualize
+
 # Dense latents with at most this fraction of non-zeros are handed to scikit-learn as sparse
 # matrices: the sparse tree splitter touches only non-zeros (~100x faster for presence bits).
 _SPARSE_DENSITY = 0.1
@@ -393,3 +395,33 @@ def infomec(latents, factors, *, discrete: bool = True, seed: int = 0,
       "num_samples": int(x.shape[0]),
       "converged": all(c for _, c in explicit),
   }
+
+
+# ---------------------------------------------------------------------------------------------
+# Picture
+# ---------------------------------------------------------------------------------------------
+def plot_scores(path, importance: np.ndarray, nmi: np.ndarray, factor_names, *,
+                latent_labels=None, top: int = 32, title: str = ""):
+  """A PNG of DCI's importance matrix M and InfoMEC's NMI side by side (latents x factors).
+
+  A disentangled code shows one bright cell per row (D, InfoM), a complete one one per
+  column (C, InfoC). Rows are the `top` latents by total importance (all d of FactorQVAE;
+  the busiest of PI-VQ's K presence bits), in their original order. Returns uint8[H, W, 3].
+  """
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top  (slow import)
+
+  importance, nmi = np.asarray(importance, np.float64), np.asarray(nmi, np.float64)
+  labels = list(latent_labels if latent_labels is not None else range(importance.shape[0]))
+  rows = np.sort(np.argsort(-importance.sum(1), kind="stable")[:top])
+  fig, axes = plt.subplots(1, 2, figsize=(2.0 + 0.9 * len(factor_names),
+                                          1.5 + 0.22 * len(rows)), dpi=100)
+  for ax, m, name in ((axes[0], importance, "DCI importance"), (axes[1], nmi, "InfoMEC NMI")):
+    im = ax.imshow(m[rows], aspect="auto", cmap="viridis", vmin=0)
+    ax.set_title(name)
+    ax.set_xticks(range(len(factor_names)), factor_names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(rows)), [labels[i] for i in rows], fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+  axes[0].set_ylabel("latent")
+  if title:
+    fig.suptitle(title, fontsize=9)
+  return visualize.save_figure(path, fig)

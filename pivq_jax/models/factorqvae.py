@@ -340,6 +340,29 @@ class FactorQVAE(nn.Module):
     """codes int[B, d] -> x_hat (latent traversals / swaps, paper §5.2)."""
     return self.decode(self.codebook_values(codes))
 
+  def traverse(self, x, num_steps: int = 8):
+    """Latent traversal (paper Figs. 2-4): x float[N, R, R, 3] (the first image is used) ->
+    float32[d, num_steps, R, R, 3], row i decoding the image's latents with z_i swept
+    linearly over the global codebook's min..max (quantized / logits), over its own
+    codebook's (qlae), or over mean ± 3 (gaussian), the others held at their eval values.
+    """
+    _, aux = self.sample_latents(x[:1], train=False)
+    d = self.latent_dim
+    if self.posterior == "gaussian":
+      z = aux["mean"][0]
+      lo, hi = z - 3.0, z + 3.0
+    else:
+      z = self.codebook_values(aux["codes"])[0]
+      values = self.codebook.astype(jnp.float32)
+      axis = -1 if self.posterior == "qlae" else None
+      lo = jnp.broadcast_to(values.min(axis=axis), (d,))
+      hi = jnp.broadcast_to(values.max(axis=axis), (d,))
+    sweep = lo[:, None] + (hi - lo)[:, None] * jnp.linspace(0.0, 1.0, num_steps)  # [d, S]
+    # Row i, column t: z with entry i replaced by sweep[i, t].
+    grid = jnp.where(jnp.eye(d, dtype=bool)[:, None, :], sweep[:, :, None], z)
+    images = self.decode(grid.reshape(d * num_steps, d))
+    return images.reshape(d, num_steps, *images.shape[1:])
+
   def encode_codes(self, x, *, as_values: bool = False):
     """x -> the d per-image codes read by DCI / InfoMEC, [B, d].
 
