@@ -226,10 +226,16 @@ _IDENTITY_SECTIONS = ("family", "data", "model", "quantizer", "disc", "factorqva
 _NOT_IDENTITY = {"data": ("data_dir", "num_threads")}
 
 
+# Fields added after workdirs were written, with the value those workdirs were trained with.
+_LEGACY_VALUES = {"factorqvae": {"image_offset": 0.0}}
+
+
 def _identity(config_json: dict) -> dict:
   out = {}
   for s in _IDENTITY_SECTIONS:
     v = config_json.get(s, "pivq" if s == "family" else {})  # older workdirs: PI-VQ
+    if isinstance(v, dict) and s in _LEGACY_VALUES and config_json.get("family") == s:
+      v = {**_LEGACY_VALUES[s], **v}
     out[s] = ({k: x for k, x in v.items() if k not in _NOT_IDENTITY.get(s, ())}
               if isinstance(v, dict) else {"": v})
   return out

@@ -1,6 +1,7 @@
 """FactorQVAE through the project's one trainer: training, resume, eval with DCI / InfoMEC,
 and the configs (spec factorqvae.md)."""
 
+import json
 import os
 
 import jax.numpy as jnp
@@ -116,3 +117,18 @@ def test_shapes3d_config_trains_on_mock_tfds(tmp_path):
       tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
     results = trainer.run(c, str(tmp_path / "run"))
   assert np.isfinite(results["train/loss"]) and np.isfinite(results["eval/psnr"])
+
+
+def test_workdirs_from_before_image_offset_resume_with_offset_zero(tmp_path):
+  # Such workdirs were trained on [0, 1] inputs: they resume with image_offset=0 and
+  # refuse the new default rather than silently change what the network sees.
+  c = _tiny()
+  trainer.check_workdir_config(tmp_path, c)
+  path = tmp_path / "config.json"
+  saved = json.loads(path.read_text())
+  del saved["factorqvae"]["image_offset"]
+  path.write_text(json.dumps(saved))
+  with pytest.raises(config_lib.ConfigError, match="factorqvae.image_offset"):
+    trainer.check_workdir_config(tmp_path, c, write=False)
+  c.factorqvae.image_offset = 0.0
+  trainer.check_workdir_config(tmp_path, c, write=False)
