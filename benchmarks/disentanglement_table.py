@@ -4,8 +4,8 @@ InfoMEC on FactorQVAE's d codes and on PI-VQ's K code-presence bits).
 
   python benchmarks/disentanglement_table.py --root=/tmp/dis [--seeds=0,1] [--out=t.json]
 
-Runs that already have a checkpoint are not retrained, and evals that already wrote their
-JSON are not repeated, so an interrupted table picks up where it stopped. On 2 CPU cores
+Runs that reached their last step are not retrained (an interrupted one resumes), and
+evals that already wrote their JSON are not repeated, so the table picks up where it stopped. On 2 CPU cores
 each FactorQVAE / QVAE run takes ~6 min, each PI-VQ run ~10 min, and each eval 1-4 min.
 """
 
@@ -54,13 +54,14 @@ def run_one(name: str, seed: int) -> dict:
   config, extra = RUNS[name]
   workdir = pathlib.Path(_ROOT.value) / f"{_slug(name)}_s{seed}"
   seed_flag = f"--config.seed={seed}"
-  if not (workdir / "checkpoints").is_dir():
-    _main(config, workdir, seed_flag, *extra)
-  evals = sorted(workdir.glob("eval_*.json"))
-  if not evals:
+  final = lambda: json.loads((workdir / "config.json").read_text())["num_train_steps"]
+  if not ((workdir / "config.json").exists() and
+          (workdir / "checkpoints" / str(final())).is_dir()):
+    _main(config, workdir, seed_flag, *extra)  # resumes an interrupted run
+  result = workdir / f"eval_{final():08d}.json"
+  if not result.exists():
     _main(config, workdir, seed_flag, *extra, *EVAL_FLAGS)
-    evals = sorted(workdir.glob("eval_*.json"))
-  results = json.loads(evals[-1].read_text())
+  results = json.loads(result.read_text())
   psnr = results.get("eval/psnr", results.get("eval/ema/psnr"))
   return dict({c: results[k] for c, k in COLUMNS.items()}, PSNR=psnr)
 
