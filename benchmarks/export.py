@@ -24,7 +24,10 @@ import jax
 import numpy as np
 
 from pivq_jax import export
-from pivq_jax import trainer
+from pivq_jax import experiment
+from pivq_jax import sampling
+from pivq_jax import sharding as sharding_lib
+from pivq_jax import train_state
 from pivq_jax.data import pipeline
 
 _CONFIG = flags.DEFINE_string("config", "configs/faces.py", "Config file.")
@@ -44,14 +47,14 @@ def _load(path):
 def main(argv):
   del argv
   config = _load(_CONFIG.value)
-  mesh = trainer.make_mesh(config)
+  mesh = experiment.make_mesh(config)
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  model = trainer.build_model(config)
-  state, _ = trainer.create_train_state(model, trainer.build_discriminator(config),
-                                        trainer.build_optimizer(config), config, mesh)
-  fn = jax.jit(functools.partial(trainer.encode_step, model=model), out_shardings=replicated)
-  encode = lambda images: fn(state.ema_params, trainer.global_batch({"image": images},
+  modules = train_state.build_modules(config)
+  model = modules.model
+  state, _ = train_state.create_train_state(config, modules, mesh)
+  fn = jax.jit(functools.partial(sampling.encode_step, model=model), out_shardings=replicated)
+  encode = lambda images: fn(state.ema_params, sharding_lib.global_batch({"image": images},
                                                                     sharding))
   source = pipeline.make_source(config.data, "test")
   n, b = min(_NUM.value, len(source)), _BATCH.value

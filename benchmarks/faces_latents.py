@@ -15,7 +15,9 @@ import jax
 import numpy as np
 
 from pivq_jax import config_lib
-from pivq_jax import trainer
+from pivq_jax import checkpoints
+from pivq_jax import experiment
+from pivq_jax import train_state
 from pivq_jax.data import pipeline
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A trained run's workdir.", required=True)
@@ -27,14 +29,14 @@ def main(_):
   # The schema's defaults first: workdirs from older versions lack newer fields.
   config = config_lib.base_config()
   config.update(json.loads((epath.Path(_WORKDIR.value) / "config.json").read_text()))
-  mesh = trainer.make_mesh(config)
-  model, disc = trainer.build_model(config), trainer.build_discriminator(config)
-  state, shardings = trainer.create_train_state(model, disc, trainer.build_optimizer(config),
-                                                config, mesh)
-  mngr = trainer.checkpoint_manager(_WORKDIR.value, config)
+  mesh = experiment.make_mesh(config)
+  modules = train_state.build_modules(config)
+  model = modules.model
+  state, shardings = train_state.create_train_state(config, modules, mesh)
+  mngr = checkpoints.manager(_WORKDIR.value, keep=config.keep_checkpoints)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f"No checkpoint in {_WORKDIR.value}/checkpoints; train first.")
-  state = trainer.restore_or_keep(mngr, state, shardings)
+  state = checkpoints.restore_or_keep(mngr, state, shardings)
   batches = pipeline.eval_batches(pipeline.make_source(config.data, "test"),
                                   num_examples=_NUM.value, batch_size=8)
   encode = jax.jit(lambda p, x: model.apply({"params": p}, x / 255.0, method="encode"))

@@ -3,7 +3,7 @@
   python benchmarks/train_step.py [--configs=configs/faces.py,configs/celeba64.py]
       [--steps=10] [--out=step.json]
 
-For each config, four cumulative variants of the real `trainer.train_step` run side by side
+For each config, four cumulative variants of the real `train_pivq.train_step` run side by side
 on the same random batch at the config's sizes:
   1. autoencoder forward/backward with the L1 loss only (quantizer off, as before T_q);
   2. + the quantizer (assignment, VQ losses, straight-through);
@@ -25,7 +25,9 @@ from absl import flags
 import jax
 import numpy as np
 
-from pivq_jax import trainer
+from pivq_jax import experiment
+from pivq_jax import train_state
+from pivq_jax.modes import train_pivq
 from pivq_jax.losses import lpips
 
 _CONFIGS = flags.DEFINE_list("configs", ["configs/faces.py", "configs/celeba64.py"],
@@ -44,12 +46,12 @@ def _load(path):
 
 def compile_variant(config, batch, *, quantize: bool, adversarial_on: bool):
   """-> (a function running n steps and returning seconds per step, XLA FLOPs per step)."""
-  mesh = trainer.make_mesh(config)
-  model, disc = trainer.build_model(config), trainer.build_discriminator(config)
-  tx = trainer.build_optimizer(config)
-  state, _ = trainer.create_train_state(model, disc, tx, config, mesh)
+  mesh = experiment.make_mesh(config)
+  modules = train_state.build_modules(config)
+  model, disc, tx = modules.model, modules.disc, modules.tx
+  state, _ = train_state.create_train_state(config, modules, mesh)
   lp = lpips.load_lpips_params(config.loss.lpips_net) if config.loss.lpips_weight else None
-  step = jax.jit(functools.partial(trainer.train_step, model=model, disc=disc, tx=tx,
+  step = jax.jit(functools.partial(train_pivq.train_step, model=model, disc=disc, tx=tx,
                                    config=config, quantize=quantize,
                                    adversarial_on=adversarial_on), donate_argnums=0)
   compiled = step.lower(state, batch, lp).compile()

@@ -5,6 +5,7 @@ field exists in every config (later features read them without special cases). V
 paper does not fix are marked "choice".
 """
 
+from etils import epath
 import ml_collections
 from ml_collections import config_dict
 
@@ -131,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   # though the codebook's order is arbitrary); True gives them the selected codebook scalars,
   # whose order means something. InfoMEC is the same either way (a bijection per latent).
   c.eval.dci_code_values = False
+  # What evaluates a run: files in pivq_jax/evaluators/, each deciding for itself whether it
+  # applies (family, mode, step, the fields above). A new evaluator is a file + its name here.
+  c.eval.evaluators = ("reconstruction", "factorqvae", "generative", "probing",
+                       "disentanglement")
 
   # --mode=sample: interpolation samples (paper §3.5) from random training pairs.
   c.sample = ml_collections.ConfigDict()
@@ -182,6 +187,11 @@ def factorqvae_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   f.hidden_dim = 128
   f.decoder_input_channels = 64
   f.image_offset = 0.5  # the network sees x - 0.5, i.e. [-0.5, 0.5] like the reference
+  # Residual-path gain; None: the reference's 1 / (num_groups * blocks_per_group)^2.
+  f.residual_gain = config_dict.placeholder(float)
+  f.distance = "squared"  # to the codebook: squared (reference) | absolute (Eq. 3 as printed)
+  f.straight_through = False  # hard Gumbel-softmax: one-hot forward, soft gradient
+  f.qlae_codebook_init = "linspace"  # QLAE's codebooks: linspace(-0.5, 0.5) | normal
   f.beta = 1e-3  # KL weight, Shapes3D (Table A.3)
   f.gamma = 1e-4  # TC weight, Shapes3D
   f.tau_rate = 2e-5  # tau = exp(-rate * iteration); the reference's global step counts 2
@@ -217,6 +227,13 @@ def check_config(config, *, num_devices: int) -> None:
   """Raises ConfigError for configs that cannot train; cheap, runs before compiling."""
   if config.family not in ("pivq", "factorqvae"):
     raise ConfigError(f"family is {config.family!r}; use 'pivq' or 'factorqvae'.")
+  import pivq_jax.evaluators  # pylint: disable=g-import-not-at-top
+  known = sorted(p.stem for p in epath.Path(pivq_jax.evaluators.__file__).parent.glob("*.py")
+                 if not p.stem.startswith("_") and p.stem != "common")
+  for name in config.eval.evaluators:
+    if name not in known:
+      raise ConfigError(f"eval.evaluators names {name!r}, which is not a file in "
+                        f"pivq_jax/evaluators/; use some of {', '.join(known)}.")
   try:
     data, fsdp, _ = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.model,
                                         num_devices)

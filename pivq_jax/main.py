@@ -16,13 +16,13 @@ import jax
 from ml_collections import config_flags
 
 from pivq_jax import sharding
-from pivq_jax import trainer
+from pivq_jax import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, e.g. configs/faces.py (optionally `:arg`).",
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go.")
-_MODE = flags.DEFINE_enum("mode", "train", list(trainer.MODES), "What to run.")
+_MODE = flags.DEFINE_enum("mode", "train", list(runner.MODES), "What to run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -41,7 +41,7 @@ def main(argv):
   sharding.maybe_initialize_distributed()
   logging.info("JAX devices: %s (process %d of %d)", jax.devices(), jax.process_index(),
                jax.process_count())
-  trainer.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  runner.run(_CONFIG.value, _WORKDIR.value, _MODE.value)
 
 
 if __name__ == "__main__":

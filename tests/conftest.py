@@ -67,9 +67,9 @@ def fid_weights():
 def trained_tiny(tmp_path_factory):
   """One tiny run trained to the end, shared by the tests that only read a checkpoint
   (sample, interpolate, export, eval); each writes under its own subdirectory or file."""
-  from pivq_jax import trainer  # pylint: disable=g-import-not-at-top
+  from pivq_jax import runner  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("trained_tiny"))
-  trainer.run(tiny_config(), workdir)
+  runner.run(tiny_config(), workdir)
   return workdir
 
 

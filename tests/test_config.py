@@ -8,7 +8,8 @@ import pytest
 
 from conftest import load_config
 from pivq_jax import config_lib
-from pivq_jax import trainer
+from pivq_jax import runner
+from pivq_jax import train_state
 
 CONFIGS = ("faces", "celeba64", "celebahq", "ffhq")
 
@@ -22,7 +23,7 @@ def _one_sentence(message: str) -> None:
 def test_configs_load_validate_and_build(name, arg):
   c = load_config(name, arg)
   config_lib.check_config(c, num_devices=1)
-  model = trainer.build_model(c)
+  model = train_state.build_model(c)
   r = c.data.resolution
   shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, r, r, 3),
                                                                            "float32"))
@@ -118,7 +119,7 @@ def test_data_errors_come_before_compiling(tiny, tmp_path, data, expected):
   tiny.data.update(data)
   start = time.time()
   with pytest.raises((ValueError, FileNotFoundError)) as e:
-    trainer.run(tiny, str(tmp_path / "w"))
+    runner.run(tiny, str(tmp_path / "w"))
   assert expected in str(e.value)
   _one_sentence(str(e.value))
   assert time.time() - start < 5  # nothing compiled
@@ -128,7 +129,7 @@ def test_data_errors_come_before_compiling(tiny, tmp_path, data, expected):
 def test_config_errors_come_before_compiling_in_run(tiny, tmp_path):
   tiny.data.resolution = 50
   with pytest.raises(config_lib.ConfigError):
-    trainer.run(tiny, str(tmp_path / "w"))
+    runner.run(tiny, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")
 
 

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 
 from pivq_jax import config_lib
-from pivq_jax import trainer
+from pivq_jax import train_state
+from pivq_jax.evaluators import disentanglement as disentanglement_evaluator
+from pivq_jax.modes import train_factorqvae
 from pivq_jax.losses import factorqvae as losses
 from pivq_jax.models import factorqvae
 from pivq_jax.models import tc_discriminator as tcd
@@ -356,7 +358,7 @@ def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
   # 3x the paper's rate, so that a few steps on a tiny model show the trend.
   vae_tx, disc_tx = losses.build_optimizers(learning_rate=3e-3, disc_learning_rate=3e-3,
                                             decay_steps=100, disc_decay_steps=100)
-  state = trainer.TrainState(
+  state = train_state.TrainState(
       step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
       opt_state=vae_tx.init(params), disc_params=disc_params, disc_stats={},
       disc_opt_state=disc_tx.init(disc_params), history=jnp.zeros((1, 1)))
@@ -364,7 +366,7 @@ def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
   config.factorqvae.update(variant=variant, beta=1e-3, gamma=1e-2,
                            tau_rate=losses.reference_tau_rate(variant))
   batch = {"image": batch * 255.0}  # the trainer's input convention, [0, 255]
-  step = jax.jit(functools.partial(trainer.factorqvae_step, model=model, disc=disc,
+  step = jax.jit(functools.partial(train_factorqvae.train_step, model=model, disc=disc,
                                    tx=vae_tx, disc_tx=disc_tx, config=config))
   # LLVM optimisation level 0 halves the CPU compile time; the step runs fast regardless.
   step = step.lower(state, batch).compile({"xla_backend_optimization_level": 0})
@@ -389,8 +391,8 @@ def test_dci_latents_are_codes_or_their_codebook_values():
   # eval.dci_code_values: the trees read the raw indices (reference) or the scalars.
   model, params = _init("factorqvae")
   batch = {"image": _images(4) * 255.0}
-  codes = trainer.latents_step(params, batch, model=model, family="factorqvae")
-  values = trainer.latents_step(params, batch, model=model, family="factorqvae",
+  codes = disentanglement_evaluator.latents_step(params, batch, model=model, family="factorqvae")
+  values = disentanglement_evaluator.latents_step(params, batch, model=model, family="factorqvae",
                                 code_values=True)
   assert codes.dtype == jnp.int32 and values.dtype == jnp.float32
   np.testing.assert_array_equal(values, params["codebook"][codes])

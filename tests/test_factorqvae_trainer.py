@@ -12,7 +12,9 @@ import pytest
 
 from conftest import load_config
 from pivq_jax import config_lib
-from pivq_jax import trainer
+from pivq_jax import checkpoints
+from pivq_jax import runner
+from pivq_jax.evaluators import disentanglement as disentanglement_evaluator
 
 
 def _tiny(variant="factorqvae"):
@@ -26,9 +28,9 @@ def test_train_resume_and_reproducible_eval(tmp_path):
   c = _tiny()
   workdir = str(tmp_path / "fq")
   c.num_train_steps = 2
-  trainer.run(c, workdir)
+  runner.run(c, workdir)
   c.num_train_steps = 4  # resumes from step 2
-  results = trainer.run(c, workdir)
+  results = runner.run(c, workdir)
   assert np.isfinite(results["train/loss"]) and "train/disc_loss" in results
   assert 0 < results["train/tau"] < 1
   with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as mngr:
@@ -36,7 +38,7 @@ def test_train_resume_and_reproducible_eval(tmp_path):
     state = mngr.restore(4)
   assert state["disc_params"], "the TC discriminator is part of the checkpoint"
 
-  evals = [trainer.run(c, workdir, mode="eval") for _ in range(2)]
+  evals = [runner.run(c, workdir, mode="eval") for _ in range(2)]
   for k in ("eval/l1", "eval/psnr", "eval/mse"):
     assert np.isfinite(evals[0][k])
   assert evals[0] == evals[1]  # the same seed gives the same numbers
@@ -45,13 +47,13 @@ def test_train_resume_and_reproducible_eval(tmp_path):
   with Image.open(os.path.join(workdir, "images", "traversal_00000004.png")) as im:
     assert im.size == (8 * (r + 2) + 2, d * (r + 2) + 2)
   with pytest.raises(config_lib.ConfigError, match="FactorQVAE runs take"):
-    trainer.run(c, workdir, mode="export")
+    runner.run(c, workdir, mode="export")
 
 
 def test_disentanglement_of_codes_that_track_the_factors(monkeypatch, tmp_path):
   c = _tiny("qvae")  # one optimizer, whole batch
   workdir = str(tmp_path / "q")
-  trainer.run(c, workdir)
+  runner.run(c, workdir)
 
   def fake_latents(params, batch, *, model, family, code_values):
     del params, model, family, code_values
@@ -59,8 +61,8 @@ def test_disentanglement_of_codes_that_track_the_factors(monkeypatch, tmp_path):
     # that the background-hue factor (and lighting) sets.
     return batch["image"][:, 0, 0, :].astype(jnp.int32)
 
-  monkeypatch.setattr(trainer, "latents_step", fake_latents)
-  results = trainer.run(c, workdir, mode="eval")
+  monkeypatch.setattr(disentanglement_evaluator, "latents_step", fake_latents)
+  results = runner.run(c, workdir, mode="eval")
   for k in ("disentanglement", "completeness", "informativeness_train",
             "informativeness_test"):
     assert 0 <= results[f"eval/dci/{k}"] <= 1
@@ -75,7 +77,7 @@ def test_variants_train(variant, tmp_path):
   c = _tiny(variant)
   c.num_train_steps = 2
   c.eval_every = 1000
-  results = trainer.run(c, str(tmp_path / variant))
+  results = runner.run(c, str(tmp_path / variant))
   assert np.isfinite(results["train/loss"])
 
 
@@ -115,7 +117,7 @@ def test_shapes3d_config_trains_on_mock_tfds(tmp_path):
   c.data.data_dir = str(tmp_path)
   with tfds.testing.mock_data(num_examples=80), mock.patch.object(
       tfds.core.DatasetBuilder, "is_prepared", lambda self: True):
-    results = trainer.run(c, str(tmp_path / "run"))
+    results = runner.run(c, str(tmp_path / "run"))
   assert np.isfinite(results["train/loss"]) and np.isfinite(results["eval/psnr"])
 
 
@@ -123,12 +125,12 @@ def test_workdirs_from_before_image_offset_resume_with_offset_zero(tmp_path):
   # Such workdirs were trained on [0, 1] inputs: they resume with image_offset=0 and
   # refuse the new default rather than silently change what the network sees.
   c = _tiny()
-  trainer.check_workdir_config(tmp_path, c)
+  checkpoints.check_workdir_config(tmp_path, c)
   path = tmp_path / "config.json"
   saved = json.loads(path.read_text())
   del saved["factorqvae"]["image_offset"]
   path.write_text(json.dumps(saved))
   with pytest.raises(config_lib.ConfigError, match="factorqvae.image_offset"):
-    trainer.check_workdir_config(tmp_path, c, write=False)
+    checkpoints.check_workdir_config(tmp_path, c, write=False)
   c.factorqvae.image_offset = 0.0
-  trainer.check_workdir_config(tmp_path, c, write=False)
+  checkpoints.check_workdir_config(tmp_path, c, write=False)

@@ -17,7 +17,8 @@ from conftest import REPO
 from conftest import tiny_config
 from pivq_jax import config_lib
 from pivq_jax import export
-from pivq_jax import trainer
+from pivq_jax import runner
+from pivq_jax import train_state
 from pivq_jax.data import pipeline
 
 
@@ -44,7 +45,7 @@ def test_interpolate_paths_by_index_and_by_file(trained, tmp_path):
   Image.fromarray(source[3]["image"]).save(png)
   # L + 1 frames: every step of every path is shown (t = 0..n at most one apart).
   c.interpolate.update(pairs=f"3,7;{png},11", paths_per_pair=2, frames=length + 1)
-  results = trainer.run(c, trained, mode="interpolate")
+  results = runner.run(c, trained, mode="interpolate")
   out = os.path.join(trained, "interpolations", "00000006")
   frames = np.load(os.path.join(out, "frames.npy"))
   codes = np.load(os.path.join(out, "codes.npy"))
@@ -56,7 +57,7 @@ def test_interpolate_paths_by_index_and_by_file(trained, tmp_path):
 
   # Endpoints are exactly A's and B's code sets; each step swaps one code; L distinct always.
   params = _ema_params(trained)
-  encode = lambda i: np.sort(np.asarray(trainer.build_model(c).apply(
+  encode = lambda i: np.sort(np.asarray(train_state.build_model(c).apply(
       {"params": params}, jnp.asarray(source[i]["image"][None], jnp.float32) / 255.0,
       method="encode_to_indices"))[0])
   for row, (a, b) in enumerate([(3, 7), (3, 7), (3, 11), (3, 11)]):  # the PNG is image 3
@@ -76,7 +77,7 @@ def test_interpolate_bad_pairs_are_clear_errors(trained, pairs, error, match):
   c = tiny_config()
   c.interpolate.pairs = pairs
   with pytest.raises(error, match=match) as e:
-    trainer.run(c, trained, mode="interpolate")
+    runner.run(c, trained, mode="interpolate")
   assert "\n" not in str(e.value)
 
 
@@ -88,7 +89,7 @@ def _export_config(out_dir, **kw):
 
 def test_export_reads_back_and_decodes_to_the_reconstructions(trained, tmp_path):
   c = _export_config(tmp_path / "codes", shard_size=20, batch_size=8, num_examples=50)
-  results = trainer.run(c, trained, mode="export")
+  results = runner.run(c, trained, mode="export")
   assert results == {"export/num_records": 50, "export/num_shards": 3}
   manifest = export.load_manifest(tmp_path / "codes")
   assert [s["num_records"] for s in manifest["shards"]] == [20, 20, 10]
@@ -107,7 +108,7 @@ def test_export_reads_back_and_decodes_to_the_reconstructions(trained, tmp_path)
     assert np.all(np.diff(r["codes"]) > 0)  # sorted, L distinct
 
   # Round trip: decoding the exported codes gives the model's own reconstructions.
-  model, params = trainer.build_model(c), _ema_params(trained)
+  model, params = train_state.build_model(c), _ema_params(trained)
   images = jnp.asarray(np.stack([source[i]["image"] for i in range(8)]), jnp.float32) / 255
   recon, _ = model.apply({"params": params}, images)
   codes = jnp.asarray(np.stack([r["codes"] for r in records[:8]]))
@@ -152,9 +153,9 @@ def test_export_survives_sigkill_and_completes_identically(trained, tmp_path):
   assert 3 <= len(finished) < 20
 
   c = _export_config(killed, shard_size=80, batch_size=8, num_examples=1600)
-  resumed = trainer.run(c, trained, mode="export")
+  resumed = runner.run(c, trained, mode="export")
   c.export.dir = str(tmp_path / "whole")
-  whole = trainer.run(c, trained, mode="export")
+  whole = runner.run(c, trained, mode="export")
   assert resumed == whole == {"export/num_records": 1600, "export/num_shards": 20}
   a, b = export.load_manifest(killed), export.load_manifest(tmp_path / "whole")
   assert a["sha256"] == b["sha256"]  # byte-identical shards
@@ -166,22 +167,22 @@ def test_export_survives_sigkill_and_completes_identically(trained, tmp_path):
 def test_export_errors_are_one_sentence(trained, tmp_path):
   c = _export_config(tmp_path / "codes", shard_size=20, batch_size=8, num_examples=20)
   with pytest.raises(FileNotFoundError, match="No checkpoint") as e:
-    trainer.run(c, str(tmp_path / "untrained"), mode="export")
+    runner.run(c, str(tmp_path / "untrained"), mode="export")
   assert "\n" not in str(e.value)
   assert not os.path.exists(tmp_path / "untrained" / "config.json")
   other = tiny_config()
   other.model.emb_dim = 16
   other.export.update(split="test", dir=str(tmp_path / "codes"))
   with pytest.raises(config_lib.ConfigError, match="different config") as e:
-    trainer.run(other, trained, mode="export")
+    runner.run(other, trained, mode="export")
   assert "\n" not in str(e.value)
 
-  trainer.run(c, trained, mode="export")
+  runner.run(c, trained, mode="export")
   spec_path = tmp_path / "codes" / export.SPEC
   spec = json.loads(spec_path.read_text())
   spec_path.write_text(json.dumps(dict(spec, checkpoint_step=3)))  # another checkpoint
   with pytest.raises(export.ExportError, match="another config or checkpoint") as e:
-    trainer.run(c, trained, mode="export")
+    runner.run(c, trained, mode="export")
   assert "\n" not in str(e.value)
 
   shard = tmp_path / "codes" / export.load_manifest(tmp_path / "codes")["shards"][0]["file"]

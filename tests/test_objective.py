@@ -10,7 +10,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from pivq_jax import trainer
+from pivq_jax import checkpoints
+from pivq_jax import config_lib
+from pivq_jax import experiment
+from pivq_jax import runner
+from pivq_jax import train_state
+from pivq_jax.modes import train_pivq
+from pivq_jax.quantizers import codebook_init
 from pivq_jax.data import pipeline
 from pivq_jax.losses import adversarial
 from pivq_jax.losses import diffaug
@@ -18,15 +24,15 @@ from pivq_jax.losses import lpips
 
 
 def _setup(config):
-  mesh = trainer.make_mesh(config)
-  model, disc = trainer.build_model(config), trainer.build_discriminator(config)
-  tx = trainer.build_optimizer(config)
-  state, shardings = trainer.create_train_state(model, disc, tx, config, mesh)
+  mesh = experiment.make_mesh(config)
+  modules = train_state.build_modules(config)
+  model, disc, tx = modules.model, modules.disc, modules.tx
+  state, shardings = train_state.create_train_state(config, modules, mesh)
   source = pipeline.make_source(config.data, "train")
   batch = next(pipeline.train_batches(source, local_batch=config.batch_size, seed=0))
   lp = lpips.load_lpips_params(config.loss.lpips_net)
   step = lambda q, a: jax.jit(functools.partial(
-      trainer.train_step, model=model, disc=disc, tx=tx, config=config, quantize=q,
+      train_pivq.train_step, model=model, disc=disc, tx=tx, config=config, quantize=q,
       adversarial_on=a))
   return model, disc, state, shardings, batch, lp, step
 
@@ -90,7 +96,7 @@ def test_run_switches_phases_by_step(tiny, tmp_path):
   tiny.num_train_steps = 5
   tiny.loss.disc_start_step = 4
   tiny.checkpoint_every = 2
-  trainer.run(tiny, str(tmp_path / "a"))
+  runner.run(tiny, str(tmp_path / "a"))
 
   with ocp.CheckpointManager(epath.Path(tmp_path / "a") / "checkpoints") as mngr:
     at2, at4, at5 = (mngr.restore(s) for s in (2, 4, 5))
@@ -115,10 +121,10 @@ def test_history_is_a_ring_of_the_last_w_steps():
   hist = jnp.zeros((3 * 4, 2))
   for step in range(5):
     z = jnp.full((1, 4, 2), float(step + 1))
-    hist = trainer._push_history(hist, z, step, jax.random.key(0), per_step=4)
+    hist = codebook_init.push_history(hist, z, step, jax.random.key(0), per_step=4)
   # W = 3 slots of 4 rows: steps 3, 4 overwrote slots 0, 1; slot 2 holds step 2.
   np.testing.assert_array_equal(hist[:, 0], [4] * 4 + [5] * 4 + [3] * 4)
-  sampled = trainer._push_history(jnp.zeros((2, 2)), jnp.arange(16.0).reshape(1, 8, 2), 0,
+  sampled = codebook_init.push_history(jnp.zeros((2, 2)), jnp.arange(16.0).reshape(1, 8, 2), 0,
                                   jax.random.key(1), per_step=2)
   rows = {tuple(r) for r in np.asarray(sampled)}
   assert len(rows) == 2 and rows <= {(2 * i, 2 * i + 1) for i in range(8)}
@@ -129,7 +135,7 @@ def test_kmeans_centroids_lie_on_the_data_and_beat_random_init():
   centres = rng.normal(size=(16, 8)) * 5
   data = (centres[rng.integers(0, 16, 4000)] + 0.05 * rng.normal(size=(4000, 8)))
   data = jnp.asarray(data, jnp.float32)
-  centroids, error, _ = jax.jit(functools.partial(trainer.fit_codebook, num_codes=16,
+  centroids, error, _ = jax.jit(functools.partial(codebook_init.fit_codebook, num_codes=16,
                                                   iters=10))(data, jax.random.key(0))
   # Every centroid sits on a cluster of the data, and every cluster gets one.
   d = np.linalg.norm(np.asarray(centroids)[:, None] - centres[None], axis=-1)
@@ -155,7 +161,10 @@ def test_codebook_init_fits_the_history_and_logs_usage(tiny):
   def distortion(codebook):
     return float(np.min(((hist[:, None] - np.asarray(codebook)[None]) ** 2).sum(-1), -1).mean())
 
-  new_state, metrics = trainer.init_codebook(state, config=tiny)
+  new_state, metrics = codebook_init.init_codebook(
+      state, num_codes=tiny.quantizer.num_codes, history_steps=tiny.codebook_init.history_steps,
+      per_step=config_lib.history_latents_per_step(tiny),
+      kmeans_iters=tiny.codebook_init.kmeans_iters, seed=tiny.seed)
   assert distortion(new_state.params["quantizer"]["codebook"]) < 0.5 * distortion(
       state.params["quantizer"]["codebook"])
   assert metrics["codebook/kmeans_distortion"] == pytest.approx(
@@ -185,13 +194,13 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
 def test_whole_train_state_round_trips_through_a_checkpoint(tiny, tmp_path):
   model, disc, state, shardings, batch, lp, step = _setup(tiny)
   state, _ = step(True, True)(state, batch, lp)  # every part of the state is non-trivial
-  mngr = trainer.checkpoint_manager(str(tmp_path), tiny)
+  mngr = checkpoints.manager(str(tmp_path), keep=tiny.keep_checkpoints)
 
   mngr.save(1, args=ocp.args.StandardSave(state))
   mngr.wait_until_finished()
-  fresh, _ = trainer.create_train_state(
-      model, disc, trainer.build_optimizer(tiny), tiny, trainer.make_mesh(tiny))
-  restored = trainer.restore_or_keep(mngr, fresh, shardings)
+  fresh, _ = train_state.create_train_state(tiny, train_state.build_modules(tiny),
+                                            experiment.make_mesh(tiny))
+  restored = checkpoints.restore_or_keep(mngr, fresh, shardings)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for name in ("step", "params", "ema_params", "opt_state", "disc_params", "disc_stats",
                "disc_opt_state", "history"):

@@ -7,13 +7,13 @@ import pytest
 
 from pivq_jax import config_lib
 from pivq_jax import plan
-from pivq_jax import trainer
+from pivq_jax import runner
 
 
 def test_plan_compiles_without_allocating_and_scales_with_the_batch(tiny, tmp_path):
   tiny.num_train_steps = 1000
   before = len(jax.live_arrays())
-  small = trainer.run(tiny, str(tmp_path), mode="plan")
+  small = runner.run(tiny, str(tmp_path), mode="plan")
   # Abstract inputs only: no train state (hundreds of arrays) was put on the device.
   assert len(jax.live_arrays()) - before < 10
   assert json.loads((tmp_path / "plan.json").read_text())["global_batch"] == tiny.batch_size
@@ -21,7 +21,7 @@ def test_plan_compiles_without_allocating_and_scales_with_the_batch(tiny, tmp_pa
   assert small["memory_gib"]["total"] > small["memory_gib"]["arguments"] > 0
   assert set(small["estimates"]) == set(plan.ACCELERATORS)
   tiny.batch_size *= 4
-  big = trainer.run(tiny, str(tmp_path), mode="plan")
+  big = runner.run(tiny, str(tmp_path), mode="plan")
   # The autoencoder, LPIPS and D scale with the batch; the optimizer update does not.
   ratio = big["gflops_per_device_step"] / small["gflops_per_device_step"]
   assert 2.5 < ratio < 4.1
@@ -42,4 +42,4 @@ def test_roofline_picks_the_slower_bound():
 def test_unknown_tpu_slice_is_refused(tiny, tmp_path):
   tiny.plan.topology = "v9-8"
   with pytest.raises(config_lib.ConfigError, match="not a known TPU slice"):
-    trainer.run(tiny, str(tmp_path), mode="plan")
+    runner.run(tiny, str(tmp_path), mode="plan")

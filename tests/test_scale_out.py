@@ -15,7 +15,7 @@ import pytest
 from conftest import REPO
 from conftest import tiny_config
 from pivq_jax import sharding
-from pivq_jax import trainer
+from pivq_jax import runner
 
 TESTS = os.path.join(REPO, "tests")
 # Trains tiny_config (faces, every phase in 6 steps: plain, k-means at 3, GAN from 4,
@@ -26,13 +26,13 @@ import json, logging, sys
 sys.path.insert(0, {tests!r})
 import jax
 from conftest import tiny_config
-from pivq_jax import main, sharding, trainer
+from pivq_jax import main, runner, sharding
 jax.config.update("jax_log_compiles", True)
 sharding.maybe_initialize_distributed()
 print("PROCESS", jax.process_index(), "OF", jax.process_count(), "DEVICES", jax.device_count())
 c = tiny_config()
 c.update(json.loads(sys.argv[1]))
-print("RESULTS " + json.dumps(trainer.run(c, sys.argv[2])), flush=True)
+print("RESULTS " + json.dumps(runner.run(c, sys.argv[2])), flush=True)
 """
 # One eval, at the end; no LPIPS (another conv net, for CI time); D and its BatchNorm stay.
 _OVERRIDES = {"batch_size": 8, "eval_every": 6, "checkpoint_every": 6,
@@ -71,7 +71,7 @@ def one_device(tmp_path_factory):
   """The reference: 1 process, 1 device, the same global batch of 8."""
   c = tiny_config()
   c.update(_OVERRIDES)
-  return trainer.run(c, str(tmp_path_factory.mktemp("one")))
+  return runner.run(c, str(tmp_path_factory.mktemp("one")))
 
 
 def _assert_same_training(results, reference):

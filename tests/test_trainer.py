@@ -16,7 +16,9 @@ import pytest
 from conftest import REPO
 from conftest import fid_weights
 from pivq_jax import config_lib
-from pivq_jax import trainer
+from pivq_jax import runner
+from pivq_jax.evaluators import generative as generative_evaluator
+from pivq_jax.quantizers import matching_check
 from pivq_jax.data import faces
 from pivq_jax.evaluation import inception
 
@@ -29,7 +31,7 @@ def _restore_params(workdir):
 
 def test_train_writes_checkpoints_events_and_grids(tiny, tmp_path):
   workdir = str(tmp_path / "run")
-  results = trainer.run(tiny, workdir)
+  results = runner.run(tiny, workdir)
   files = os.listdir(workdir)
   assert any(f.startswith("events.out.tfevents") for f in files)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
@@ -45,12 +47,12 @@ def test_train_writes_checkpoints_events_and_grids(tiny, tmp_path):
 
 
 def test_resume_equals_uninterrupted_run(tiny, tmp_path):
-  straight = trainer.run(tiny, str(tmp_path / "a"))
+  straight = runner.run(tiny, str(tmp_path / "a"))
   # Same seed, stopped at step 3 (the codebook-init step), then resumed to 6.
   first = tiny.copy_and_resolve_references()
   first.num_train_steps = 3
-  trainer.run(first, str(tmp_path / "b"))
-  resumed = trainer.run(tiny, str(tmp_path / "b"))
+  runner.run(first, str(tmp_path / "b"))
+  resumed = runner.run(tiny, str(tmp_path / "b"))
   for k in ("train/loss", "train/l1", "train/vq_loss", "eval/ema/psnr", "eval/raw/l1"):
     assert resumed[k] == pytest.approx(straight[k], rel=1e-5, abs=1e-7), k
   step_a, params_a = _restore_params(tmp_path / "a")
@@ -61,38 +63,38 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path):
 
 
 def test_rerun_of_a_finished_run_does_not_retrain(tiny, tmp_path):
-  trainer.run(tiny, str(tmp_path / "a"))
+  runner.run(tiny, str(tmp_path / "a"))
   _, before = _restore_params(tmp_path / "a")
-  results = trainer.run(tiny, str(tmp_path / "a"))
+  results = runner.run(tiny, str(tmp_path / "a"))
   _, after = _restore_params(tmp_path / "a")
   jax.tree.map(np.testing.assert_array_equal, before, after)
   assert "eval/ema/psnr" in results
 
 
 def test_workdir_with_another_config_is_refused(tiny, tmp_path):
-  trainer.run(tiny, str(tmp_path / "a"))
+  runner.run(tiny, str(tmp_path / "a"))
   tiny.model.emb_dim = 64
   with pytest.raises(config_lib.ConfigError, match="different config") as e:
-    trainer.run(tiny, str(tmp_path / "a"))
+    runner.run(tiny, str(tmp_path / "a"))
   assert "\n" not in str(e.value)
 
 
 def test_checkpoint_of_another_train_state_layout_is_refused(tiny, tmp_path):
   tiny.num_train_steps = 3
-  trainer.run(tiny, str(tmp_path / "a"))
+  runner.run(tiny, str(tmp_path / "a"))
   tiny.codebook_init.history_steps = 3  # a different history buffer in the train state
   tiny.num_train_steps = 6
   with pytest.raises(config_lib.ConfigError, match="does not fit this config") as e:
-    trainer.run(tiny, str(tmp_path / "a"))
+    runner.run(tiny, str(tmp_path / "a"))
   assert "\n" not in str(e.value)
 
 
 def test_sample_mode_writes_interpolation_samples(tiny, tmp_path, trained_tiny):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    trainer.run(tiny, str(tmp_path / "empty"), mode="sample")
+    runner.run(tiny, str(tmp_path / "empty"), mode="sample")
   workdir = trained_tiny
   tiny.sample.update(num_images=10, batch_size=4, grid_images=3)  # a partial last batch
-  results = trainer.run(tiny, workdir, mode="sample")
+  results = runner.run(tiny, workdir, mode="sample")
   images = np.load(os.path.join(workdir, "samples", "00000006", "samples.npy"))
   codes = np.load(os.path.join(workdir, "samples", "00000006", "codes.npy"))
   assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
@@ -104,30 +106,30 @@ def test_sample_mode_writes_interpolation_samples(tiny, tmp_path, trained_tiny):
                                                                         "00000006")))
   tiny.quantizer.assignment = "nearest"
   with pytest.raises(config_lib.ConfigError, match="matching"):
-    trainer.run(tiny, str(tmp_path / "b"), mode="sample")
+    runner.run(tiny, str(tmp_path / "b"), mode="sample")
 
 
 def test_cache_dir_matches_the_fid_weights_converter(tiny, monkeypatch):
   monkeypatch.delenv("PIVQ_JAX_CACHE", raising=False)
-  weights = trainer.cache_dir(tiny) / "fid_inception" / inception.WEIGHTS_FILE
+  weights = generative_evaluator.cache_dir(tiny) / "fid_inception" / inception.WEIGHTS_FILE
   assert str(weights) == str(inception.default_weights_path())
   monkeypatch.setenv("PIVQ_JAX_CACHE", "/somewhere")
-  assert str(trainer.cache_dir(tiny)) == "/somewhere"
+  assert str(generative_evaluator.cache_dir(tiny)) == "/somewhere"
   tiny.eval.cache_dir = "/elsewhere"
-  assert str(trainer.cache_dir(tiny)) == "/elsewhere"
+  assert str(generative_evaluator.cache_dir(tiny)) == "/elsewhere"
 
 
 def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path, trained_tiny):
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
-    trainer.run(tiny, str(tmp_path / "empty"), mode="eval")
+    runner.run(tiny, str(tmp_path / "empty"), mode="eval")
   tiny.eval.cache_dir = str(tmp_path / "cache")  # no weights there: a clear error
   with pytest.raises(FileNotFoundError, match="fid_inception_weights.py") as e:
-    trainer.run(tiny, trained_tiny, mode="eval")
+    runner.run(tiny, trained_tiny, mode="eval")
   assert "\n" not in str(e.value)
   weights = fid_weights()  # shared cache; this run's real features go to its own
   os.makedirs(tmp_path / "cache" / "fid_inception")
   os.symlink(weights, tmp_path / "cache" / "fid_inception" / os.path.basename(weights))
-  results = trainer.run(tiny, trained_tiny, mode="eval")
+  results = runner.run(tiny, trained_tiny, mode="eval")
   saved = json.loads((epath.Path(trained_tiny) / "eval_00000006.json").read_text())
   assert saved == pytest.approx(results)
   assert results["eval/generative/num_samples"] == 8
@@ -144,7 +146,7 @@ def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path, trained
     assert 0 <= results["eval/dci/disentanglement"] <= 1
   cached = os.listdir(tmp_path / "cache" / "real_features")
   assert any(f.startswith("faces_32px_train_8_") for f in cached)
-  again = trainer.run(tiny, trained_tiny, mode="eval")  # real features from cache
+  again = runner.run(tiny, trained_tiny, mode="eval")  # real features from cache
   assert again["eval/generative/fid"] == pytest.approx(results["eval/generative/fid"],
                                                        rel=1e-4)
 
@@ -232,7 +234,7 @@ def test_sigterm_saves_exits_and_resumes_exactly(tmp_path):
 def test_relative_workdir(tiny, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   tiny.num_train_steps = 3
-  trainer.run(tiny, "relative/run")
+  runner.run(tiny, "relative/run")
   assert (tmp_path / "relative" / "run" / "checkpoints" / "3").is_dir()
 
 
@@ -241,7 +243,7 @@ def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
   tiny.quantizer.solver = solver
   tiny.quantizer.validate_every = 2
-  results = trainer.run(tiny, str(tmp_path / "m"))
+  results = runner.run(tiny, str(tmp_path / "m"))
   # Every image uses exactly L distinct codes once quantization is on.
   assert results["eval/ema/distinct_codes_max"] == tiny.model.num_latents
   assert results["eval/ema/distinct_codes_mean"] == tiny.model.num_latents
@@ -253,13 +255,13 @@ def test_invalid_assignment_stops_with_a_clear_message():
     return (np.array([[0, 1, 2], [3, 3, 4]]), np.array([1.0, 2.0]), np.array([1.0, 2.0]))
 
   with pytest.raises(RuntimeError, match="repeated or out-of-range codes for 50.0%") as e:
-    trainer.validate_matching(fake_check, None, None, num_codes=8)
+    matching_check.validate_matching(fake_check, None, None, num_codes=8)
   assert "\n" not in str(e.value)
 
   def good_check(params, batch):
     del params, batch
     return (np.array([[0, 1, 2]]), np.array([1.1]), np.array([1.0]))
 
-  out = trainer.validate_matching(good_check, None, None, num_codes=8)
+  out = matching_check.validate_matching(good_check, None, None, num_codes=8)
   assert out["matching/valid_fraction"] == 1.0
   assert out["matching/optimality_gap"] == pytest.approx(0.1)

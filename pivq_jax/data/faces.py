@@ -554,6 +554,11 @@ class FacesSource(_GrainSource):
         return self._split
 
     @property
+    def factor_names(self) -> tuple[str, ...]:
+        """Names of the ``factors`` entries (the labels probing and DCI read)."""
+        return FACTOR_NAMES
+
+    @property
     def global_indices(self) -> np.ndarray:
         """Sorted global indices of this split (read-only view)."""
         view = self._indices.view()

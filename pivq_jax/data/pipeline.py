@@ -135,3 +135,17 @@ def subset_batches(source, *, num_examples: int, batch_size: int, process_index:
   ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]  # as above
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                    prefetch_buffer_size=4)))
+
+
+def images(batch):
+  """The models' input convention: uint8 NHWC in [0, 255] -> float32 NHWC in [0, 1]."""
+  return batch["image"].astype(np.float32) / 255.0
+
+
+def label_names(source) -> dict[str, tuple[str, ...]]:
+  """The integer labels a source's items carry, and the names of their entries."""
+  if getattr(source, "factor_names", ()):  # faces, and Shapes3D through TFDS
+    return {"factors": tuple(source.factor_names)}
+  if getattr(source, "attribute_names", ()):  # CelebA through TFDS
+    return {"attributes": tuple(source.attribute_names)}
+  return {}

@@ -40,6 +40,17 @@ def code_presence(indices, num_codes):
   return jnp.zeros((indices.shape[0], num_codes), bool).at[b, indices].set(True)
 
 
+def stats_or_zeros(aux, batch_size: int, num_codes: int) -> dict:
+  """The quantizer's aux outputs, or zeros of the same structure while it is off (before
+  T_q, §3.7), so steps and metrics keep one shape in every phase."""
+  if aux is not None:
+    return aux
+  zero = jnp.zeros((), jnp.float32)
+  return {"loss": zero, "commit_loss": zero,
+          "distinct_codes": jnp.zeros((batch_size,), jnp.int32),
+          "presence": jnp.zeros((batch_size, num_codes), bool)}
+
+
 class VectorQuantizer(nn.Module):
   """z_e: [B, L, D] -> (straight-through z_q [B, L, D], aux dict).
 

@@ -24,9 +24,12 @@ import jax
 import jax.numpy as jnp
 
 from pivq_jax import config_lib
+from pivq_jax import experiment
 from pivq_jax import sharding as sharding_lib
-from pivq_jax import trainer
+from pivq_jax import train_state
 from pivq_jax.losses import lpips
+from pivq_jax.modes import train_factorqvae
+from pivq_jax.modes import train_pivq
 
 GiB = 2 ** 30
 
@@ -88,18 +91,16 @@ def target_devices(topology: str):
 def compile_train_step(config, mesh, lpips_params=None):
   """The train step of the config's last phase, compiled for `mesh` from abstract inputs
   (`lpips_params`: the frozen LPIPS weights or their shapes, when the loss uses LPIPS)."""
-  model, disc = trainer.build_model(config), trainer.build_discriminator(config)
-  tx, disc_tx = trainer.build_optimizers(config)
-  _, abstract, shardings = trainer.abstract_train_state(model, disc, tx, config, mesh,
-                                                        disc_tx)
+  modules = train_state.build_modules(config)
+  _, abstract, shardings = train_state.abstract_train_state(config, modules, mesh)
   r = config.data.resolution
   batch = {"image": jax.ShapeDtypeStruct((config.batch_size, r, r, 3), jnp.uint8,
                                          sharding=sharding_lib.batch_sharding(mesh))}
-  step = trainer.jit_train_step(config, model, disc, tx, disc_tx, shardings, mesh,
-                                quantize=True,
-                                adversarial_on=bool(config.loss.adversarial_weight))
   if config.family == "factorqvae":
+    step = train_factorqvae.jit_train_step(config, modules, shardings, mesh)
     return step.lower(abstract, batch).compile()
+  step = train_pivq.jit_train_step(config, modules, shardings, mesh, quantize=True,
+                                   adversarial_on=bool(config.loss.adversarial_weight))
   lp = None
   if config.loss.lpips_weight:  # frozen weights: their shapes only
     replicated = sharding_lib.replicated(mesh)
@@ -123,7 +124,7 @@ def estimate(flops: float, bytes_accessed: float, steps: int, dtype: str,
 def run(config, workdir: str) -> dict:
   devices = target_devices(config.plan.topology)
   config_lib.check_config(config, num_devices=len(devices))
-  mesh = trainer.make_mesh(config, devices=devices)
+  mesh = experiment.make_mesh(config, devices=devices)
   # Read on this host, outside the target mesh (whose devices may not be attached here).
   lp = (lpips.load_lpips_params(config.loss.lpips_net)
         if config.family == "pivq" and config.loss.lpips_weight else None)

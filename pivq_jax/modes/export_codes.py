@@ -1,0 +1,41 @@
+"""--mode=export: every image's code set (EMA params) to sharded TFRecords (schema in
+pivq_jax/export.py), resumable, with a manifest tying it to the config and checkpoint."""
+
+import functools
+import hashlib
+import json
+
+from etils import epath
+import jax
+
+from pivq_jax import checkpoints
+from pivq_jax import experiment
+from pivq_jax import export
+from pivq_jax import sampling
+from pivq_jax import sharding as sharding_lib
+from pivq_jax.data import pipeline
+
+
+def run(config, workdir: str, mesh) -> dict:
+  exp, state = experiment.build(config, workdir, "export", mesh)
+  e, step = config.export, int(state.step)
+  out_dir = e.dir or str(epath.Path(exp.workdir) / "export" / e.split)
+  fn = jax.jit(functools.partial(sampling.encode_step, model=exp.model),
+               out_shardings=sharding_lib.replicated(mesh))
+  encode = lambda images: fn(state.ema_params, exp.global_batch({"image": images}))
+  source = exp.sources[e.split]
+  raw = source.unfiltered if isinstance(source, pipeline.SkipInvalid) else source
+  config_json = json.loads(config.to_json_best_effort())
+  identity = checkpoints.identity(config_json)
+  spec = {"checkpoint_step": step, "model_sha256": hashlib.sha256(
+      json.dumps(identity, sort_keys=True).encode()).hexdigest()}
+  manifest = export.write(
+      encode, raw, out_dir, split=e.split, shard_size=e.shard_size, batch_size=e.batch_size,
+      spec=spec, num_examples=e.num_examples, label_names=pipeline.label_names(raw),
+      ids=getattr(raw, "paths", None), process_index=jax.process_index(),
+      process_count=jax.process_count(), num_threads=config.data.num_threads,
+      extra_manifest={"workdir": exp.workdir, "num_latents": config.model.num_latents,
+                      "num_codes": config.quantizer.num_codes,
+                      "assignment": config.quantizer.assignment, "config": config_json})
+  return {"export/num_records": manifest.get("num_records", 0),
+          "export/num_shards": len(manifest.get("shards", ()))}
