@@ -19,9 +19,8 @@ def get_config(arg: str | None = None):
   c.data.name = "faces"
   c.data.resolution = 64
 
-  # A CPU-sized trunk (2 CPU cores are compute-bound at ~85 GFLOP/s): 1 res block per
-  # level, widths 16-64, no trunk attention, GroupNorm(8) (UT's 32 groups would be
-  # per-channel norms at these widths, which learned ~1.4 dB slower). 64px -> 8x8 grid.
+  # A CPU-sized trunk (choice): 1 res block per level, widths 16-64, no trunk attention,
+  # GroupNorm(8) (UT's 32 would be per-channel norms at these widths). 64px -> 8x8 grid.
   c.model.nf = 16
   c.model.ch_mult = (1, 2, 4, 4)
   c.model.res_blocks = 1
@@ -33,19 +32,15 @@ def get_config(arg: str | None = None):
   c.model.tfm_heads = 4
   c.model.tfm_mlp_dim = 256
 
-  # Matching (the paper's method): every image uses L=32 distinct codes. Measured here,
-  # nearest collapsed to ~1 distinct code per image (1.2 mean, 175 codes over the held-out
-  # set, 19.3 dB EMA PSNR) where matching kept 32 per image and all 256 (19.5 dB). The
-  # exact host Hungarian costs ~1 ms per batch at 32x256.
+  # Matching (the paper's method): every image uses L=32 distinct codes; nearest collapses
+  # to ~1 per image here (docs/faces_config.md).
   c.quantizer.assignment = "matching"
-  c.quantizer.solver = "hungarian"  # exact; the auction is 3-7x slower at this size on CPU
+  c.quantizer.solver = "hungarian"  # exact, and faster than the auction at 32x256 on CPU
   c.quantizer.validate_every = 0  # nothing to validate: the solver is the exact one
   c.quantizer.num_codes = 256
 
-  # The paper's objective and phases on a CPU clock (~5 steps/s on 2 cores, so 2200 steps
-  # plus start-up and two evals fit in about 10 minutes):
-  #   0-900 unquantized; k-means++ codebook at T_q=900 on the latents of the last W=32
-  #   steps; re-init at 1200; from 1600 PatchGAN + adaptive weight; end at 2200.
+  # The paper's phases on a CPU clock: 0-900 unquantized; k-means++ codebook at T_q=900
+  # on the latents of the last W=32 steps; re-init at 1200; GAN from 1600; end at 2200.
   c.batch_size = 8
   c.num_train_steps = 2200
   c.optim.learning_rate = 3e-4  # above the paper's 4.5e-6 x batch: minutes, not days
@@ -53,13 +48,12 @@ def get_config(arg: str | None = None):
   c.codebook_init.history_steps = 32  # W
   c.codebook_init.latents_per_step = 0  # all 8 x 32 latents of each step
   c.codebook_init.reinit_steps = (1200,)
-  # LPIPS with AlexNet features: VGG16 (the paper's) would 2.5x the step on this CPU
-  # (466 vs 184 ms, benchmarks/train_step.py); eval still reports LPIPS-VGG.
+  # LPIPS with AlexNet features: VGG16 (the paper's) costs 2.5x the step on a CPU; eval
+  # still reports LPIPS-VGG.
   c.loss.lpips_net = "alexnet"
   c.loss.disc_start_step = 1600
-  # UT's discriminator weight is 1.0; at this run's 8x higher lr it threw train PSNR from
-  # 18.3 to 13.5 dB within 100 steps of the GAN start (17.6 dB held out at the end, vs
-  # 19.5 dB with 0.1). The adaptive weight itself is unchanged.
+  # UT's 1.0 destabilises this run's 8x higher lr (docs/faces_config.md); the adaptive
+  # weight itself is unchanged.
   c.loss.adversarial_weight = 0.1
   c.disc.ndf = 16  # UT's 64 costs ~16x the FLOPs in D's middle layers
   c.ema.decay = 0.99  # the paper's 0.995 every 10 steps would lag a 2k-step run by ~2k

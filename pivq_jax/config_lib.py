@@ -5,7 +5,8 @@ field exists in every config (later features read them without special cases). V
 paper does not fix are marked "choice".
 """
 
-from etils import epath
+import pkgutil
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -228,8 +229,8 @@ def check_config(config, *, num_devices: int) -> None:
   if config.family not in ("pivq", "factorqvae"):
     raise ConfigError(f"family is {config.family!r}; use 'pivq' or 'factorqvae'.")
   import pivq_jax.evaluators  # pylint: disable=g-import-not-at-top
-  known = sorted(p.stem for p in epath.Path(pivq_jax.evaluators.__file__).parent.glob("*.py")
-                 if not p.stem.startswith("_") and p.stem != "common")
+  known = sorted(m.name for m in pkgutil.iter_modules(pivq_jax.evaluators.__path__)
+                 if m.name != "common")
   for name in config.eval.evaluators:
     if name not in known:
       raise ConfigError(f"eval.evaluators names {name!r}, which is not a file in "

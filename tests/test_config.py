@@ -148,3 +148,56 @@ def test_objective_fields_are_checked(tiny, field, value, expected):
   section, name = field.split(".")
   tiny[section][name] = value
   assert expected in _check(tiny)
+
+
+# ----------------------------------------------------------------------------------------
+# Config -> module wiring (train_state.module_fields): every field a user may set reaches
+# the module under its own name.
+# ----------------------------------------------------------------------------------------
+def _fields(cls):
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  return {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}
+
+
+def test_every_module_field_has_a_config_field():
+  from pivq_jax.models import autoencoder, discriminator, factorqvae  # pylint: disable=g-import-not-at-top
+  from pivq_jax.quantizers import vq  # pylint: disable=g-import-not-at-top
+  c = config_lib.factorqvae_config(config_lib.base_config())
+  # Fields set from elsewhere: the data's resolution, the compute dtype, the sub-module.
+  derived = {"resolution", "dtype", "quantizer", "dim"}
+  for cls, section in ((autoencoder.PIVQAutoencoder, c.model),
+                       (vq.VectorQuantizer, c.quantizer),
+                       (discriminator.PatchDiscriminator, c.disc),
+                       (factorqvae.FactorQVAE, c.factorqvae)):
+    missing = _fields(cls) - derived - set(section.keys())
+    assert not missing, (cls.__name__, missing)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("residual_gain", 0.5), ("distance", "absolute"), ("straight_through", True),
+    ("qlae_codebook_init", "normal"), ("image_offset", 0.0), ("hidden_dim", 64)])
+def test_factorqvae_fields_reach_the_model(field, value):
+  c = config_lib.factorqvae_config(config_lib.base_config())
+  assert getattr(train_state.build_model(c), field) != value  # not already the default
+  c.factorqvae[field] = value
+  assert getattr(train_state.build_model(c), field) == value
+
+
+@pytest.mark.parametrize("section, field, value", [
+    ("model", "embed_std", 0.5), ("model", "norm_groups", 8), ("model", "ch_mult", (1, 2)),
+    ("quantizer", "beta", 0.5), ("quantizer", "solver", "sinkhorn"),
+    ("disc", "n_layers", 2)])
+def test_pivq_fields_reach_the_modules(section, field, value):
+  c = config_lib.base_config()
+  c[section][field] = value
+  model = train_state.build_model(c)
+  module = {"model": model, "quantizer": model.quantizer,
+            "disc": train_state.build_discriminator(c)}[section]
+  assert getattr(module, field) == value
+
+
+def test_unknown_evaluator_is_a_config_error(tiny):
+  tiny.eval.evaluators = ("reconstruction", "fidd")
+  with pytest.raises(config_lib.ConfigError, match="fidd") as e:
+    config_lib.check_config(tiny, num_devices=1)
+  _one_sentence(str(e.value))

@@ -265,3 +265,22 @@ def test_invalid_assignment_stops_with_a_clear_message():
   out = matching_check.validate_matching(good_check, None, None, num_codes=8)
   assert out["matching/valid_fraction"] == 1.0
   assert out["matching/optimality_gap"] == pytest.approx(0.1)
+
+
+def test_readme_evaluator_example_is_one_file_and_one_config_entry(tiny, tmp_path,
+                                                                    trained_tiny):
+  """The README's "Extending" example, verbatim, as a new evaluator."""
+  import pivq_jax.evaluators  # pylint: disable=g-import-not-at-top
+  readme = open(os.path.join(REPO, "README.md")).read()
+  code = readme.split("## Extending")[1].split("```python\n")[1].split("```")[0]
+  (tmp_path / "code_entropy.py").write_text(code)
+  pivq_jax.evaluators.__path__.append(str(tmp_path))
+  try:
+    tiny.eval.evaluators = ("reconstruction", "code_entropy")
+    results = runner.run(tiny, trained_tiny, mode="eval")
+  finally:
+    pivq_jax.evaluators.__path__.remove(str(tmp_path))
+    sys.modules.pop("pivq_jax.evaluators.code_entropy", None)
+  # 8 codes per image out of 16: between log2(8) and log2(16) bits when codes vary.
+  assert 0 < results["eval/code_entropy_bits"] <= 4
+  assert "eval/ema/psnr" in results and not any("generative" in k for k in results)

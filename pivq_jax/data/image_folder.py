@@ -54,10 +54,7 @@ import numpy as np
 from absl import logging
 from PIL import Image
 
-try:  # Subclass grain's protocol when it exists; the structural methods suffice anyway.
-  from grain.sources import RandomAccessDataSource as _GrainSource
-except ImportError:  # pragma: no cover - depends on the installed grain
-  _GrainSource = object
+from grain.sources import RandomAccessDataSource as _GrainSource
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".webp")
 # Decoders PIL may use. Restricting them stops a mislabelled non-image (text, say)

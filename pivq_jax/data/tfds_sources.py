@@ -74,10 +74,7 @@ from absl import logging
 
 from pivq_jax.data.image_folder import center_crop_resize
 
-try:  # Subclass grain's protocol when it exists; the structural methods suffice anyway.
-  from grain.sources import RandomAccessDataSource as _GrainSource
-except ImportError:  # pragma: no cover - depends on the installed grain
-  _GrainSource = object
+from grain.sources import RandomAccessDataSource as _GrainSource
 
 # TFDS `celeb_a` attribute order (alphabetical, which is also the order of the
 # columns of CelebA's list_attr_celeba.txt).
