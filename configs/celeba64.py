@@ -19,9 +19,9 @@ def get_config(arg: str | None = None):
   c.model.update(nf=128, ch_mult=(1, 2, 2, 4), res_blocks=2, attn_resolutions=(8,),
                  emb_dim=128, num_latents=256, tfm_layers=4, tfm_heads=8, tfm_mlp_dim=512)
   c.quantizer.update(assignment="matching", num_codes=2048)
-  c.batch_size = 16
+  c.batch_size = 0  # the paper's 16 per device; lr follows 4.5e-6 x the global batch
+  c.per_device_batch_size = 16
   c.num_train_steps = 400_000
-  c.optim.learning_rate = 4.5e-6 * c.batch_size
   # T_q and the GAN start from the paper; W, the sample per step and the re-inits are
   # choices (as in config_lib.paper_256px).
   c.codebook_init.update(start_step=25_000, history_steps=2000, latents_per_step=32,

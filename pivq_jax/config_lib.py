@@ -22,7 +22,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.family = "pivq"
   c.seed = 0
   c.num_train_steps = 1000
-  c.batch_size = 16  # global, across all devices and hosts
+  # The global batch, across all devices and hosts. 0: per_device_batch_size times the
+  # mesh's data x fsdp devices instead. check_config resolves it; the run logs both.
+  c.batch_size = 16
+  c.per_device_batch_size = 0
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "faces"  # faces | celeba | celebahq | shapes3d | image_folder
@@ -81,7 +84,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.disc.translation_ratio = 0.125
 
   c.optim = ml_collections.ConfigDict()
-  c.optim.learning_rate = 4.5e-6 * c.batch_size  # UT/paper: 4.5e-6 x batch
+  # UT/paper: 4.5e-6 x the global batch, applied to whatever batch the run resolves to.
+  # learning_rate, when set, is an absolute rate instead (choice).
+  c.optim.lr_per_example = 4.5e-6
+  c.optim.learning_rate = config_dict.placeholder(float)
   c.optim.b1 = 0.9
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
@@ -213,6 +219,22 @@ def factorqvae_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   return c
 
 
+def resolve_batch(config, batch_ways: int) -> None:
+  """Fills in config.batch_size (global) from per_device_batch_size when it is 0."""
+  if config.batch_size < 0 or (config.batch_size == 0 and config.per_device_batch_size < 1):
+    raise ConfigError(f"batch_size is {config.batch_size} and per_device_batch_size is "
+                      f"{config.per_device_batch_size}; set batch_size (global) >= 1, or "
+                      "batch_size=0 and per_device_batch_size >= 1.")
+  if config.batch_size == 0:
+    config.batch_size = config.per_device_batch_size * batch_ways
+
+
+def learning_rate(config) -> float:
+  """PI-VQ's peak learning rate: optim.learning_rate if set, else the paper's rule."""
+  o = config.optim
+  return o.learning_rate if o.learning_rate is not None else o.lr_per_example * config.batch_size
+
+
 def history_latents_per_step(config) -> int:
   """Latents each step adds to the k-means history: a sample of its B*L, or all of them."""
   all_latents = config.batch_size * config.model.num_latents
@@ -241,6 +263,7 @@ def check_config(config, *, num_devices: int) -> None:
   except sharding.MeshError as e:
     raise ConfigError(str(e)) from None
   batch_ways = data * fsdp  # the model axis holds copies of the same rows
+  resolve_batch(config, batch_ways)
   if config.family == "factorqvae":
     _check_factorqvae(config, batch_ways=batch_ways)
     return
@@ -344,9 +367,12 @@ def paper_256px(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.model.update(nf=128, ch_mult=(1, 1, 2, 2, 4), res_blocks=2, attn_resolutions=(16,),
                  emb_dim=256, num_latents=512, tfm_layers=4, tfm_heads=8, tfm_mlp_dim=1024)
   c.quantizer.update(assignment="matching", num_codes=4096)
-  c.batch_size = 4
+  # The paper's batch of 4 per device: 4 on one GPU as in the paper, and on N devices a
+  # global batch of 4N whose learning rate follows the paper's 4.5e-6 x batch rule. Give
+  # --config.batch_size for a global batch instead.
+  c.batch_size = 0
+  c.per_device_batch_size = 4
   c.num_train_steps = 1_400_000
-  c.optim.learning_rate = 4.5e-6 * c.batch_size
   # T_q from the paper; W, the per-step sample and two re-inits are choices (§3.7 says the
   # codebook is re-initialised "more than once" over successive windows of W iterations).
   # The history is 2000 x 32 latents x D=256 floats = 65 MB, replicated.

@@ -133,5 +133,14 @@ def build(config, workdir: str, mode: str, mesh: jax.sharding.Mesh):
 
 
 def log_start(config, mesh) -> None:
-  logging.info("Global batch %d (%d per data x fsdp device) on mesh %s.", config.batch_size,
-               config.batch_size // sharding_lib.batch_size_per(mesh), dict(mesh.shape))
+  """The numbers a user must not get wrong silently: batch and learning rate."""
+  per_device = config.batch_size // sharding_lib.batch_size_per(mesh)
+  if config.family == "factorqvae":
+    lr = f"{config.factorqvae.learning_rate:.4g} (factorqvae.learning_rate)"
+  elif config.optim.learning_rate is not None:
+    lr = f"{config.optim.learning_rate:.4g} (optim.learning_rate)"
+  else:
+    lr = (f"{config_lib.learning_rate(config):.4g} ({config.optim.lr_per_example:.3g} x "
+          f"global batch {config.batch_size})")
+  logging.info("Global batch %d, %d per data x fsdp device, on mesh %s; learning rate %s.",
+               config.batch_size, per_device, dict(mesh.shape), lr)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pivq_jax import compile_cache
 from pivq_jax import config_lib
 from pivq_jax import sharding as sharding_lib
 from pivq_jax.losses import factorqvae as fq_losses
@@ -78,9 +79,9 @@ def build_optimizer(config) -> optax.GradientTransformation:
     return build_optimizers(config)[0]
   # UT/paper: Adam(0.9, 0.999), no weight decay, schedule or clipping; the same for D.
   o = config.optim
-  lr = o.learning_rate
+  lr = peak = config_lib.learning_rate(config)
   if o.warmup_steps:  # not in the paper (choice, default 0): helps short high-lr runs
-    lr = optax.linear_schedule(0.0, o.learning_rate, o.warmup_steps)
+    lr = optax.linear_schedule(0.0, peak, o.warmup_steps)
   return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
 
 
@@ -151,5 +152,7 @@ def create_train_state(config, modules: Modules, mesh):
   """-> (a fresh TrainState, created already sharded, and its shardings)."""
   init, _, shardings = abstract_train_state(config, modules, mesh)
   # Never materialise unsharded: jit the init with output shardings (big_vision habit).
-  state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+  init = compile_cache.jit("init", config, mesh,
+                           lambda: jax.jit(init, out_shardings=shardings))
+  state = init(jax.random.key(config.seed))
   return state, shardings

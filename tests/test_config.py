@@ -33,12 +33,14 @@ def test_configs_load_validate_and_build(name, arg):
 
 def test_paper_hyperparameters():
   hq, ffhq, c64 = (load_config(n) for n in ("celebahq", "ffhq", "celeba64"))
+  for c in (hq, ffhq, c64):  # the paper's batch per device; on one device, the paper's
+    config_lib.check_config(c, num_devices=1)
   for c in (hq, ffhq):
     assert (c.data.resolution, c.model.num_latents, c.quantizer.num_codes) == (256, 512, 4096)
     assert (c.model.emb_dim, c.model.tfm_mlp_dim, c.model.tfm_layers) == (256, 1024, 4)
     assert (c.batch_size, c.num_train_steps) == (4, 1_400_000)
     assert (c.loss.disc_start_step, c.codebook_init.start_step) == (500_000, 60_000)
-    assert c.optim.learning_rate == pytest.approx(4.5e-6 * 4)
+    assert config_lib.learning_rate(c) == pytest.approx(4.5e-6 * 4)
     assert (c.ema.decay, c.ema.every) == (0.995, 10)
   assert (c64.data.resolution, c64.model.emb_dim, c64.model.tfm_mlp_dim) == (64, 128, 512)
   assert (c64.batch_size, c64.num_train_steps) == (16, 400_000)
@@ -54,7 +56,7 @@ def test_paper_hyperparameters():
     assert (c.ema.decay, c.ema.every) == (0.995, 10)
     assert len(c.codebook_init.reinit_steps) >= 2  # "more than once" (§3.7)
     assert min(c.codebook_init.reinit_steps) > c.codebook_init.start_step
-  assert c64.optim.learning_rate == pytest.approx(4.5e-6 * 16)
+  assert config_lib.learning_rate(c64) == pytest.approx(4.5e-6 * 16)
   assert hq.data.name == "celebahq" and ffhq.data.name == "image_folder"
   assert c64.data.name == "celeba"
 

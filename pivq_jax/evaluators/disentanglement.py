@@ -35,6 +35,7 @@ class Evaluator:
   def __init__(self, exp):
     self.exp = exp
     c = exp.config
+    # Not cached across runs: tests swap latents_step for a stand-in.
     self.fn = jax.jit(functools.partial(latents_step, model=exp.model, family=c.family,
                                         code_values=c.eval.dci_code_values))
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivq_jax import compile_cache
 from pivq_jax import sharding as sharding_lib
 from pivq_jax import visualize
 from pivq_jax.data import pipeline
@@ -52,8 +53,10 @@ class Evaluator:
     self.exp = exp
     # Read now: a split too small for one eval batch fails before anything compiles.
     self.num_batches = len(exp.eval_batches)
-    self.fn = jax.jit(functools.partial(eval_step, model=exp.model))
-    self.traverse = jax.jit(lambda p, x: exp.model.apply({"params": p}, x, method="traverse"))
+    self.fn = compile_cache.jit("eval_factorqvae", exp.config, exp.mesh, lambda: jax.jit(
+        functools.partial(eval_step, model=exp.model)))
+    self.traverse = compile_cache.jit("traverse", exp.config, exp.mesh, lambda: jax.jit(
+        lambda p, x: exp.model.apply({"params": p}, x, method="traverse")))
 
   def run(self, state, step: int) -> dict:
     exp = self.exp

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivq_jax import compile_cache
 from pivq_jax import sampling
 from pivq_jax import sharding as sharding_lib
 from pivq_jax import visualize
@@ -37,6 +38,9 @@ def fake_features_step(params, inception_params, batch_a, batch_b, key, *, model
   return inception.features(inception_params, _uint8(images))
 
 
+_inception_features = jax.jit(inception.features)
+
+
 def real_features(config, source, inception_params, sharding) -> np.ndarray:
   """Inception features of eval.num_real images of eval.real_split, cached on disk.
 
@@ -55,7 +59,7 @@ def real_features(config, source, inception_params, sharding) -> np.ndarray:
     with path.open("rb") as f:
       return np.load(f)
   logging.info("Computing Inception features of %d real images for the cache %s.", n, path)
-  fn = jax.jit(inception.features)
+  fn = _inception_features
   feats, _ = common.map_subset(functools.partial(fn, inception_params), source, n,
                                e.feature_batch_size, sharding)
   visualize.save_array(path, feats)
@@ -78,7 +82,8 @@ class Evaluator:
     # FID Inception weights: converted once by third_party/fid_inception_weights.py.
     self.inception_params = inception.load_inception_params(
         cache_dir(exp.config) / "fid_inception" / inception.WEIGHTS_FILE)
-    self.fn = jax.jit(functools.partial(fake_features_step, model=exp.model))
+    self.fn = compile_cache.jit("fake_features", exp.config, exp.mesh, lambda: jax.jit(
+        functools.partial(fake_features_step, model=exp.model)))
 
   def run(self, state, step: int) -> dict:
     del step

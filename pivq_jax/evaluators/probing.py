@@ -6,6 +6,7 @@ import functools
 from absl import logging
 import jax
 
+from pivq_jax import compile_cache
 from pivq_jax import sampling
 from pivq_jax.data import pipeline
 from pivq_jax.evaluation import probing
@@ -23,7 +24,8 @@ class Evaluator:
 
   def __init__(self, exp):
     self.exp = exp
-    self.fn = jax.jit(functools.partial(sampling.encode_step, model=exp.model))
+    self.fn = compile_cache.jit("encode", exp.config, exp.mesh, lambda: jax.jit(
+        functools.partial(sampling.encode_step, model=exp.model)))
 
   def run(self, state, step: int) -> dict:
     exp, c = self.exp, self.exp.config

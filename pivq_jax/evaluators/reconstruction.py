@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivq_jax import compile_cache
 from pivq_jax import sharding as sharding_lib
 from pivq_jax.data import pipeline
 from pivq_jax.evaluation import capacity
@@ -76,8 +77,9 @@ class Evaluator:
     self.exp = exp
     # Read now: a split too small for one eval batch fails before anything compiles.
     self.num_batches = len(exp.eval_batches)
-    self.fn = jax.jit(functools.partial(eval_step, model=exp.model),
-                      static_argnames=("quantize", "lpips_net"))
+    self.fn = compile_cache.jit("eval_pivq", exp.config, exp.mesh, lambda: jax.jit(
+        functools.partial(eval_step, model=exp.model),
+        static_argnames=("quantize", "lpips_net")))
 
   def run(self, state, step: int) -> dict:
     exp, c = self.exp, self.exp.config

@@ -9,6 +9,7 @@ from etils import epath
 import jax
 
 from pivq_jax import checkpoints
+from pivq_jax import compile_cache
 from pivq_jax import experiment
 from pivq_jax import export
 from pivq_jax import sampling
@@ -20,8 +21,9 @@ def run(config, workdir: str, mesh) -> dict:
   exp, state = experiment.build(config, workdir, "export", mesh)
   e, step = config.export, int(state.step)
   out_dir = e.dir or str(epath.Path(exp.workdir) / "export" / e.split)
-  fn = jax.jit(functools.partial(sampling.encode_step, model=exp.model),
-               out_shardings=sharding_lib.replicated(mesh))
+  fn = compile_cache.jit("export", config, mesh, lambda: jax.jit(
+      functools.partial(sampling.encode_step, model=exp.model),
+      out_shardings=sharding_lib.replicated(mesh)))
   encode = lambda images: fn(state.ema_params, exp.global_batch({"image": images}))
   source = exp.sources[e.split]
   raw = source.unfiltered if isinstance(source, pipeline.SkipInvalid) else source

@@ -9,6 +9,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from pivq_jax import compile_cache
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax import sampling
@@ -55,7 +56,8 @@ def run(config, workdir: str, mesh) -> dict:
   images_a = np.stack([images[0] for _, images in pairs for _ in range(per)])
   images_b = np.stack([images[1] for _, images in pairs for _ in range(per)])
   keys = jax.random.split(jax.random.key(config.seed), len(images_a))
-  fn = jax.jit(functools.partial(sampling.path_step, model=exp.model, frames=ip.frames))
+  fn = compile_cache.jit("interpolate", config, mesh, lambda: jax.jit(
+      functools.partial(sampling.path_step, model=exp.model, frames=ip.frames)))
   codes_a, codes_b, n, codes, decoded = sharding_lib.to_host(
       fn(state.ema_params, images_a, images_b, keys))
   frames = visualize.to_uint8(decoded)

@@ -8,6 +8,7 @@ from etils import epath
 import jax
 import numpy as np
 
+from pivq_jax import compile_cache
 from pivq_jax import experiment
 from pivq_jax import sampling
 from pivq_jax import sharding as sharding_lib
@@ -18,7 +19,8 @@ def run(config, workdir: str, mesh) -> dict:
   """Writes samples/<step>/{samples,codes}.npy (uint8 [N, R, R, 3], for FID) and a grid."""
   exp, state = experiment.build(config, workdir, "sample", mesh)
   step, sc = int(state.step), config.sample
-  fn = jax.jit(functools.partial(sampling.sample_step, model=exp.model))
+  fn = compile_cache.jit("sample", config, mesh, lambda: jax.jit(
+      functools.partial(sampling.sample_step, model=exp.model)))
   images, codes, first = [], [], None
   for n, batch_a, batch_b, key in sampling.pair_batches(
       exp.sources["train"], sc.num_images, sc.batch_size, config.seed, exp.data_sharding):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pivq_jax import compile_cache
 from pivq_jax import experiment
 from pivq_jax import sharding as sharding_lib
 from pivq_jax import train_state
@@ -67,8 +68,10 @@ def jit_train_step(config, modules, shardings, mesh):
   """The jitted update, state donated: (state, batch) -> (state, metrics)."""
   fn = functools.partial(train_step, model=modules.model, disc=modules.disc, tx=modules.tx,
                          disc_tx=modules.disc_tx, config=config)
-  return jax.jit(fn, in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
-                 out_shardings=(shardings, None), donate_argnums=0)
+  return compile_cache.jit(
+      "train_factorqvae", config, mesh,
+      lambda: jax.jit(fn, in_shardings=(shardings, sharding_lib.batch_sharding(mesh)),
+                      out_shardings=(shardings, None), donate_argnums=0))
 
 
 def run(config, workdir: str, mesh) -> dict:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from pivq_jax import compile_cache
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax import sharding as sharding_lib
@@ -135,8 +136,10 @@ def jit_train_step(config, modules, shardings, mesh, *, quantize: bool = True,
   fn = functools.partial(train_step, model=modules.model, disc=modules.disc, tx=modules.tx,
                          config=config, quantize=quantize, adversarial_on=adversarial_on)
   in_shardings = (shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=(shardings, None),
-                 donate_argnums=0)
+  return compile_cache.jit(
+      "train_pivq", config, mesh,
+      lambda: jax.jit(fn, in_shardings=in_shardings, out_shardings=(shardings, None),
+                      donate_argnums=0), quantize, adversarial_on)
 
 
 def run(config, workdir: str, mesh) -> dict:
@@ -160,8 +163,9 @@ def run(config, workdir: str, mesh) -> dict:
   if validate:
     exact = config.copy_and_resolve_references()
     exact.quantizer.solver = "hungarian"
-    check_fn = jax.jit(functools.partial(matching_check.matching_check, model=exp.model,
-                                         exact_model=train_state.build_model(exact)))
+    check_fn = compile_cache.jit("matching_check", config, mesh, lambda: jax.jit(
+        functools.partial(matching_check.matching_check, model=exp.model,
+                          exact_model=train_state.build_model(exact))))
   batches = loop.train_batches(exp, start_step)
   train_loop = loop.Loop(exp, start_step)
 

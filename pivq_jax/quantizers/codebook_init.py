@@ -3,8 +3,6 @@ codebook becomes k-means++ (+ Lloyd) centroids of a rolling history of encoder o
 the last W steps, fitted on device with ott-jax, and re-fitted the same way at re-init steps.
 """
 
-import functools
-
 from absl import logging
 import flax
 import jax
@@ -37,6 +35,10 @@ def fit_codebook(latents, key, *, num_codes: int, iters: int):
   return out.centroids.astype(jnp.float32), out.error, out.iteration
 
 
+_fit_jit = jax.jit(fit_codebook, static_argnames=("num_codes", "iters"))
+_usage_jit = jax.jit(nearest_usage)
+
+
 def init_codebook(state, *, num_codes: int, history_steps: int, per_step: int,
                   kmeans_iters: int, seed: int):
   """Replaces the codebook of `state` (params and EMA) with k-means centroids of its
@@ -51,9 +53,8 @@ def init_codebook(state, *, num_codes: int, history_steps: int, per_step: int,
   rows = min(step, history_steps) * per_step
   latents = state.history[:rows]
   key = jax.random.fold_in(jax.random.key(seed + 1), step)
-  fit = jax.jit(functools.partial(fit_codebook, num_codes=num_codes, iters=kmeans_iters))
-  codebook, error, iters = fit(latents, key)
-  usage = jax.jit(nearest_usage)
+  codebook, error, iters = _fit_jit(latents, key, num_codes=num_codes, iters=kmeans_iters)
+  usage = _usage_jit
   metrics = {"codebook/usage_before": int(usage(latents,
                                                 state.params["quantizer"]["codebook"])),
              "codebook/usage_after": int(usage(latents, codebook)),
