@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from pivq_jax import plan
+from pivq_jax.modes import plan
 
 _CONFIGS = flags.DEFINE_list("configs", ["celebahq", "ffhq", "celeba64"], "configs/*.py")
 _TOPOLOGY = flags.DEFINE_string("topology", "v4-8", "TPU slice to compile for.")

@@ -106,7 +106,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh.model = 1
 
   # --mode=plan: compile the train step ahead of time for a target and report memory,
-  # FLOPs and estimated time (pivq_jax/plan.py).
+  # FLOPs and estimated time (pivq_jax/modes/plan.py).
   c.plan = ml_collections.ConfigDict()
   # A TPU slice ("v4-8", "v5e-16", "v5p-64", ...; compiled by libtpu on this host, no TPU
   # needed) or "" for this host's own devices (e.g. a GPU host, or CPU fake devices).

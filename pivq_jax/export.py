@@ -1,4 +1,4 @@
-"""Every image's code set as TFRecords (spec §4), and two readers for them.
+"""Every image's code set as TFRecords (paper §3.5's code sets, exported), and readers.
 
 Schema: one `tf.train.Example` per image, in dataset order.
 
@@ -21,14 +21,13 @@ renamed when closed. Re-running an interrupted export keeps the finished shards 
 the rest; the encoder is deterministic, so the result is byte-identical to an uninterrupted
 run (the manifest's `sha256` shows it).
 
-Readers: `tf_dataset(dir)` (tf.data) and `iterate(dir)` (plain Python + numpy, no
-TensorFlow: it parses the TFRecord framing and the Example protobuf itself).
+Readers: `tf_dataset(dir)` (tf.data), `iterate(dir)` (numpy records) and `load_codes(dir)`
+(the codes as one [N, L] array).
 """
 
 import dataclasses
 import hashlib
 import json
-import struct
 from typing import Any, Callable, Iterator, Sequence
 
 from absl import logging
@@ -253,151 +252,47 @@ def shard_paths(export_dir) -> list[str]:
           for s in load_manifest(export_dir)["shards"]]
 
 
-def tf_dataset(export_dir, *, num_parallel_reads: int | None = None):
-  """tf.data.Dataset of {"codes": int64[L], "index": int64, ...labels, "id"} in order."""
+def _parser(manifest):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  manifest = load_manifest(export_dir)
-  length = manifest["num_latents"]
-  features = {"codes": tf.io.FixedLenFeature([length], tf.int64),
+  features = {"codes": tf.io.FixedLenFeature([manifest["num_latents"]], tf.int64),
               "index": tf.io.FixedLenFeature([], tf.int64)}
   if manifest.get("has_id"):
     features["id"] = tf.io.FixedLenFeature([], tf.string)
   for key, names in manifest["label_names"].items():
     features[key] = tf.io.FixedLenFeature([len(names)], tf.int64)
+  return lambda r: tf.io.parse_single_example(r, features)
+
+
+def tf_dataset(export_dir, *, num_parallel_reads: int | None = None):
+  """tf.data.Dataset of {"codes": int64[L], "index": int64, ...labels, "id"} in order."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   ds = tf.data.TFRecordDataset(shard_paths(export_dir), num_parallel_reads=num_parallel_reads)
-  return ds.map(lambda r: tf.io.parse_single_example(r, features),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+  return ds.map(_parser(load_manifest(export_dir)), num_parallel_calls=tf.data.AUTOTUNE,
+                deterministic=True)
 
 
 def iterate(export_dir) -> Iterator[dict[str, Any]]:
-  """Plain Python, no TensorFlow: yields what `tf_dataset` does, as numpy values.
-
+  """Numpy records in export order, shard by shard, naming a corrupt shard:
   {"codes": int64[L], "index": np.int64, "id": str (image folders), "factors" /
-  "attributes": int64[...]} in export order.
-  """
+  "attributes": int64[...]}."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  parse = _parser(load_manifest(export_dir))
   for path in shard_paths(export_dir):
-    data = epath.Path(path).read_bytes()
-    for record in _records(data, path):
-      example = _parse_example(record)
-      example["index"] = example["index"][0]
-      if "id" in example:
-        example["id"] = example["id"][0].decode("utf-8")
-      yield example
+    try:
+      for example in tf.data.TFRecordDataset(path).map(parse).as_numpy_iterator():
+        if "id" in example:
+          example["id"] = example["id"].decode("utf-8")
+        yield example
+    except tf.errors.DataLossError as e:
+      raise ExportError(f"{path} is corrupt or truncated ({e.message.splitlines()[0]}); "
+                        "run --mode=export again to rewrite it.") from None
 
 
-# TFRecord framing: uint64 length, uint32 masked CRC32C(length), data, uint32 masked
-# CRC32C(data), all little-endian.
-def _crc32c_table():
-  table = []
-  for i in range(256):
-    c = i
-    for _ in range(8):
-      c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-    table.append(c)
-  return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def crc32c(data: bytes) -> int:
-  c = 0xFFFFFFFF
-  for b in data:
-    c = _CRC_TABLE[(c ^ b) & 0xFF] ^ (c >> 8)
-  return c ^ 0xFFFFFFFF
-
-
-def _masked(crc: int) -> int:
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _records(data: bytes, name: str) -> Iterator[bytes]:
-  pos = 0
-  while pos < len(data):
-    if pos + 12 > len(data):
-      raise ExportError(f"{name} ends inside a record header; the file is truncated.")
-    length_bytes = data[pos:pos + 8]
-    (length,), (length_crc,) = struct.unpack("<Q", length_bytes), struct.unpack(
-        "<I", data[pos + 8:pos + 12])
-    record = data[pos + 12:pos + 12 + length]
-    end = pos + 16 + length
-    if end > len(data) or _masked(crc32c(length_bytes)) != length_crc:
-      raise ExportError(f"{name} is corrupt or truncated at byte {pos}; export again.")
-    (data_crc,) = struct.unpack("<I", data[end - 4:end])
-    if _masked(crc32c(record)) != data_crc:
-      raise ExportError(f"{name} has a record with a bad checksum at byte {pos}; export "
-                        "again.")
-    yield record
-    pos = end
-
-
-# A tf.train.Example is a protobuf: Example{1: Features{1: map<string, Feature>}} with
-# Feature{1: BytesList{1: bytes*}, 2: FloatList{1: float*}, 3: Int64List{1: int64*}}.
-def _varint(buf: bytes, pos: int) -> tuple[int, int]:
-  value = shift = 0
-  while True:
-    b = buf[pos]
-    pos += 1
-    value |= (b & 0x7F) << shift
-    if not b & 0x80:
-      return value, pos
-    shift += 7
-
-
-def _fields(buf: bytes) -> Iterator[tuple[int, int, Any]]:
-  """(field number, wire type, value) of one message; LEN values as bytes."""
-  pos = 0
-  while pos < len(buf):
-    key, pos = _varint(buf, pos)
-    field, wire = key >> 3, key & 7
-    if wire == 0:
-      value, pos = _varint(buf, pos)
-    elif wire == 2:
-      size, pos = _varint(buf, pos)
-      value, pos = buf[pos:pos + size], pos + size
-    elif wire == 5:
-      value, pos = buf[pos:pos + 4], pos + 4
-    elif wire == 1:
-      value, pos = buf[pos:pos + 8], pos + 8
-    else:
-      raise ExportError(f"Unsupported protobuf wire type {wire} in a record.")
-    yield field, wire, value
-
-
-def _int64s(buf: bytes) -> np.ndarray:
-  out = []
-  for _, wire, value in _fields(buf):
-    if wire == 2:  # packed
-      pos = 0
-      while pos < len(value):
-        v, pos = _varint(value, pos)
-        out.append(v)
-    else:
-      out.append(value)
-  return np.array([v - (1 << 64) if v >= 1 << 63 else v for v in out], np.int64)
-
-
-def _feature(buf: bytes):
-  for field, _, value in _fields(buf):
-    if field == 1:
-      return np.array([v for _, _, v in _fields(value)], object)
-    if field == 2:
-      floats = b"".join(v for _, _, v in _fields(value))  # packed or not: raw float32s
-      return np.frombuffer(floats, "<f4").copy()
-    if field == 3:
-      return _int64s(value)
-  return np.zeros((0,), np.int64)
-
-
-def _parse_example(record: bytes) -> dict[str, np.ndarray]:
-  out = {}
-  for _, _, features in _fields(record):
-    for _, _, entry in _fields(features):
-      key, value = None, b""
-      for field, _, v in _fields(entry):
-        if field == 1:
-          key = v.decode("utf-8")
-        elif field == 2:
-          value = v
-      out[key] = _feature(value)
-  return out
+def load_codes(export_dir) -> tuple[np.ndarray, np.ndarray]:
+  """The whole export as arrays: (codes int64[N, L], dataset indices int64[N])."""
+  records = list(iterate(export_dir))
+  if not records:
+    return (np.zeros((0, load_manifest(export_dir)["num_latents"]), np.int64),
+            np.zeros((0,), np.int64))
+  return (np.stack([r["codes"] for r in records]),
+          np.array([r["index"] for r in records], np.int64))

@@ -203,3 +203,11 @@ def test_unknown_evaluator_is_a_config_error(tiny):
   with pytest.raises(config_lib.ConfigError, match="fidd") as e:
     config_lib.check_config(tiny, num_devices=1)
   _one_sentence(str(e.value))
+
+
+@pytest.mark.parametrize("devices, backend, expected", [
+    ({"/dev/nvidia0"}, "cpu", "an NVIDIA GPU"), ({"/dev/accel0"}, "cpu", "a TPU"),
+    ({"/dev/nvidia0"}, "gpu", None), (set(), "cpu", None)])
+def test_an_unused_accelerator_is_named(devices, backend, expected):
+  from pivq_jax import main  # pylint: disable=g-import-not-at-top
+  assert main.unused_accelerator(backend, exists=devices.__contains__) == expected

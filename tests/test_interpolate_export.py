@@ -127,6 +127,7 @@ def _command_line(c):
   return flags
 
 
+@pytest.mark.slow
 def test_export_survives_sigkill_and_completes_identically(trained, tmp_path):
   overrides = ["--config.export.split=test", "--config.export.shard_size=80",
                "--config.export.batch_size=8", "--config.export.num_examples=1600"]
@@ -193,12 +194,52 @@ def test_export_errors_are_one_sentence(trained, tmp_path):
     list(export.iterate(tmp_path / "codes"))
 
 
-def test_plain_reader_parses_what_tensorflow_writes():
-  item = {"index": np.int64(-5), "factors": np.array([0, 3, 2**40])}
-  record = export.example_bytes(np.array([9, 2, 4]), item, "a/b.png")
-  parsed = export._parse_example(record)
-  np.testing.assert_array_equal(parsed["codes"], [2, 4, 9])
-  np.testing.assert_array_equal(parsed["index"], [-5])
-  np.testing.assert_array_equal(parsed["factors"], [0, 3, 2**40])
-  assert parsed["id"][0] == b"a/b.png"
-  assert export.crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+def test_load_codes_is_the_export_as_one_array(trained, tmp_path):
+  c = _export_config(tmp_path / "codes", shard_size=16, batch_size=8, num_examples=40)
+  runner.run(c, trained, mode="export")
+  codes, indices = export.load_codes(tmp_path / "codes")
+  records = list(export.tf_dataset(tmp_path / "codes").as_numpy_iterator())
+  assert codes.shape == (40, c.model.num_latents) and indices.shape == (40,)
+  np.testing.assert_array_equal(codes, np.stack([r["codes"] for r in records]))
+  np.testing.assert_array_equal(indices, [r["index"] for r in records])
+
+
+def test_api_matches_the_export_and_the_example_runs(trained, tmp_path):
+  """pivq_jax.load reads only the EMA params; its codes are the export's, and
+  examples/faces_api.py runs end to end on the run and its export."""
+  import pivq_jax  # pylint: disable=g-import-not-at-top
+  c = _export_config(tmp_path / "codes", shard_size=64, batch_size=8, num_examples=16)
+  runner.run(c, trained, mode="export")
+  run = pivq_jax.load(trained, batch_size=8)
+  assert run.step == 6
+  source = pipeline.make_source(c.data, "test")
+  images = np.stack([source[i]["image"] for i in range(16)])
+  exported, indices = export.load_codes(tmp_path / "codes")
+  np.testing.assert_array_equal(run.encode(images), exported)
+  np.testing.assert_array_equal(run.encode(images.astype(np.float32) / 255.0), exported)
+  np.testing.assert_array_equal(indices, [source[i]["index"] for i in range(16)])
+  model, params = train_state.build_model(c), _ema_params(trained)
+  recon, _ = model.apply({"params": params}, images.astype(np.float32) / 255.0)
+  np.testing.assert_allclose(run.decode(exported), np.clip(recon, 0, 1), atol=1e-5)
+  mixed = run.sample(images[:8], images[8:])
+  assert mixed.shape == images[:8].shape and 0 <= mixed.min() and mixed.max() <= 1
+  assert run.interpolate(images[0], images[1], frames=4).shape == (4,) + images.shape[1:]
+  for bad, match in ((lambda: run.encode(images[:, :16]), "shape"),
+                     (lambda: run.encode(images * 2.0), r"outside \[0, 1\]"),
+                     (lambda: run.decode(exported + 100), "outside the codebook"),
+                     (lambda: run.decode(np.zeros_like(exported)), "repeat a code"),
+                     (lambda: run.sample(images[:2], images[:3]), "pairs")):
+    with pytest.raises(pivq_jax.api.ApiError, match=match) as e:
+      bad()
+    assert "\n" not in str(e.value) and str(e.value).endswith(".")
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    pivq_jax.load(tmp_path / "nothing")
+
+  out = tmp_path / "example.png"
+  proc = subprocess.run(
+      [sys.executable, "examples/faces_api.py", f"--workdir={trained}",
+       f"--export_dir={tmp_path / 'codes'}", f"--out={out}", "--num=4"],
+      cwd=REPO, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  r = c.data.resolution
+  assert Image.open(out).size == (4 * (r + 2) + 2, 5 * (r + 2) + 2)

@@ -6,7 +6,7 @@ import jax
 import pytest
 
 from pivq_jax import config_lib
-from pivq_jax import plan
+from pivq_jax.modes import plan
 from pivq_jax import runner
 
 

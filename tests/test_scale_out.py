@@ -81,6 +81,7 @@ def _assert_same_training(results, reference):
   assert results["eval/ema/distinct_codes_max"] == reference["eval/ema/distinct_codes_max"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [dict(data=8), dict(data=1, fsdp=4, model=2)],
                          ids=["data8", "fsdp4-model2"])
 def test_eight_fake_devices_train_like_one_and_never_recompile(tmp_path, one_device, mesh):
@@ -98,6 +99,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path, one_device):
   """Two local CPU processes, 2 devices each, joined by jax.distributed (gloo collectives):
   each reads only its half of every global batch, and the losses equal one process's."""
@@ -143,6 +145,7 @@ print("ERROR", max(float(np.max(np.abs(g[k] - ref[k]))) for k in g))
 """
 
 
+@pytest.mark.slow
 def test_three_axis_meshes_stay_refused_while_xla_gets_them_wrong():
   """Why sharding.mesh_shape refuses data, fsdp and model all above 1: on such a mesh XLA
   computes wrong gradients for a 2-layer MLP. When this starts failing, XLA is fixed: lift

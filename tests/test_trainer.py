@@ -166,6 +166,7 @@ def _main_cmd(workdir, *overrides):
           "--config.eval_every=1000", *overrides]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
   workdir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -194,6 +195,7 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
     assert mngr.latest_step() == last + 2
 
 
+@pytest.mark.slow
 def test_sigterm_saves_exits_and_resumes_exactly(tmp_path):
   """A real SIGTERM to a real training process: it saves the step it reached and exits 0;
   running the same command again continues exactly as an uninterrupted run."""
