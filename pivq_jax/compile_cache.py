@@ -8,6 +8,7 @@ interchangeable between runs of it.
 """
 
 import collections
+import json
 import threading
 
 _MAX_ENTRIES = 64
@@ -15,10 +16,30 @@ _cache: collections.OrderedDict = collections.OrderedDict()
 _lock = threading.Lock()
 
 
+# Config fields no jitted function reads: the schedule, I/O, and the sections of the modes
+# that pass what they use as arguments or as `extra` key parts.
+_SCHEDULE = ("num_train_steps", "log_every", "eval_every", "checkpoint_every",
+             "keep_checkpoints", "per_device_batch_size")
+_SECTIONS = ("eval", "sample", "interpolate", "export", "plan", "mesh")
+_FIELDS = {"data": ("data_dir", "num_threads", "test_fraction"),
+           "quantizer": ("validate_every",)}
+
+
+def key_of(config) -> str:
+  """The part of a config that defines the models and steps, as canonical JSON."""
+  c = json.loads(config.to_json_best_effort())
+  for k in _SCHEDULE + _SECTIONS:
+    c.pop(k, None)
+  for section, fields in _FIELDS.items():
+    for k in fields:
+      c.get(section, {}).pop(k, None)
+  return json.dumps(c, sort_keys=True)
+
+
 def jit(name: str, config, mesh, build, *extra):
-  """`build()` (a jitted function) once per (name, config, mesh, *extra); least recently
-  used entries beyond 64 are dropped."""
-  key = (name, config.to_json_best_effort(sort_keys=True), mesh, *extra)
+  """`build()` (a jitted function) once per (name, the config's model and step fields,
+  mesh, *extra); least recently used entries beyond 64 are dropped."""
+  key = (name, key_of(config), mesh, *extra)
   with _lock:
     if key in _cache:
       _cache.move_to_end(key)

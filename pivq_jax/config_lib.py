@@ -7,6 +7,7 @@ paper does not fix are marked "choice".
 
 import pkgutil
 
+from absl import logging
 import ml_collections
 from ml_collections import config_dict
 
@@ -111,6 +112,8 @@ def base_config() -> ml_collections.ConfigDict:
   # A TPU slice ("v4-8", "v5e-16", "v5p-64", ...; compiled by libtpu on this host, no TPU
   # needed) or "" for this host's own devices (e.g. a GPU host, or CPU fake devices).
   c.plan.topology = ""
+  # With topology "": plan for the first N of this host's devices (0: all of them).
+  c.plan.num_devices = 0
   # Sustained share of peak FLOP/s assumed for the time estimate (choice; dense conv nets
   # typically reach 30-50%).
   c.plan.utilization = 0.4
@@ -227,6 +230,15 @@ def resolve_batch(config, batch_ways: int) -> None:
                       "batch_size=0 and per_device_batch_size >= 1.")
   if config.batch_size == 0:
     config.batch_size = config.per_device_batch_size * batch_ways
+  # Batches that only evaluate, sample or export are rounded up to whole device multiples:
+  # they change no result (subsets are counted in whole global batches either way).
+  for section, field in (("eval", "batch_size"), ("sample", "batch_size"),
+                         ("export", "batch_size"), ("eval", "feature_batch_size")):
+    value = config[section][field]
+    if value >= 1 and value % batch_ways:
+      config[section][field] = -(-value // batch_ways) * batch_ways
+      logging.info("%s.%s rounded up from %d to %d, a multiple of the %d data x fsdp "
+                   "devices.", section, field, value, config[section][field], batch_ways)
 
 
 def learning_rate(config) -> float:
@@ -396,7 +408,8 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                  tfm_mlp_dim=64)
   c.data.resolution = min(c.data.resolution, 64)
   c.quantizer.num_codes = 64
-  c.batch_size = 2
+  c.batch_size = 0  # 2 per device, so the smoke test runs on any device count
+  c.per_device_batch_size = 2
   c.num_train_steps = 6
   c.optim.learning_rate = 1e-3
   c.codebook_init.update(start_step=3, history_steps=2, latents_per_step=0,

@@ -64,13 +64,32 @@ def fid_weights():
 
 
 @pytest.fixture(scope="session")
-def trained_tiny(tmp_path_factory):
-  """One tiny run trained to the end, shared by the tests that only read a checkpoint
-  (sample, interpolate, export, eval); each writes under its own subdirectory or file."""
+def trained_tiny_run(tmp_path_factory):
+  """One tiny run trained to the end, shared by the tests that read it: (workdir, its
+  results, the files it wrote before any other test touched it)."""
   from pivq_jax import runner  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path_factory.mktemp("trained_tiny"))
-  runner.run(tiny_config(), workdir)
-  return workdir
+  results = runner.run(tiny_config(), workdir)
+  files = {d: sorted(os.listdir(os.path.join(workdir, d))) for d in ("", "checkpoints",
+                                                                      "images")}
+  return workdir, results, files
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(trained_tiny_run):
+  """The shared run's workdir (sample, interpolate, export and eval write under it)."""
+  return trained_tiny_run[0]
+
+
+@pytest.fixture
+def trained_copy(trained_tiny, tmp_path):
+  """A private copy of the shared run's checkpoints and config, to resume or refuse."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "copy"
+  workdir.mkdir()
+  shutil.copytree(os.path.join(trained_tiny, "checkpoints"), workdir / "checkpoints")
+  shutil.copy(os.path.join(trained_tiny, "config.json"), workdir / "config.json")
+  return str(workdir)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pivq_jax import checkpoints
+from pivq_jax import compile_cache
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax import runner
@@ -31,9 +32,10 @@ def _setup(config):
   source = pipeline.make_source(config.data, "train")
   batch = next(pipeline.train_batches(source, local_batch=config.batch_size, seed=0))
   lp = lpips.load_lpips_params(config.loss.lpips_net)
-  step = lambda q, a: jax.jit(functools.partial(
-      train_pivq.train_step, model=model, disc=disc, tx=tx, config=config, quantize=q,
-      adversarial_on=a))
+  # Not donating (tests reuse the state), and shared by the tests of one config.
+  step = lambda q, a: compile_cache.jit("test_objective_step", config, mesh, lambda: jax.jit(
+      functools.partial(train_pivq.train_step, model=model, disc=disc, tx=tx,
+                        config=config, quantize=q, adversarial_on=a)), q, a)
   return model, disc, state, shardings, batch, lp, step
 
 

@@ -43,3 +43,53 @@ def test_unknown_tpu_slice_is_refused(tiny, tmp_path):
   tiny.plan.topology = "v9-8"
   with pytest.raises(config_lib.ConfigError, match="not a known TPU slice"):
     runner.run(tiny, str(tmp_path), mode="plan")
+
+
+PAPER_CONFIGS = ("celeba64", "celebahq", "ffhq")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+@pytest.mark.parametrize("devices", [1, 4, 8, 32])
+def test_paper_configs_fit_common_device_counts(name, devices):
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  c = load_config(name)
+  config_lib.check_config(c, num_devices=devices)
+  per_device = 16 if name == "celeba64" else 4  # the paper's batch, on every device
+  assert c.batch_size == per_device * devices
+  assert config_lib.learning_rate(c) == pytest.approx(4.5e-6 * per_device * devices)
+  c = load_config(name)
+  c.batch_size = 256  # a global batch given directly wins, and the rate follows it
+  config_lib.check_config(c, num_devices=devices)
+  assert config_lib.learning_rate(c) == pytest.approx(1.152e-3)
+
+
+_PLAN_SCRIPT = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from conftest import load_config
+from pivq_jax import runner
+out = {{}}
+for name in {names!r}:
+  for n in (8, 32):
+    c = load_config(name, "runlocal")
+    c.plan.num_devices = n
+    p = runner.run(c, sys.argv[1] + f"/{{name}}_{{n}}", mode="plan")
+    out[f"{{name}}_{{n}}"] = [p["global_batch"], p["per_device_batch"], p["mesh"]["data"]]
+print("PLANS " + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_paper_configs_plan_on_8_and_32_fake_devices(tmp_path):
+  import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  from conftest import REPO  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=32")
+  script = _PLAN_SCRIPT.format(tests=os.path.join(REPO, "tests"), names=("celeba64", "ffhq"))
+  proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  plans = json.loads(proc.stdout.split("PLANS ")[1])
+  for name in ("celeba64", "ffhq"):  # ffhq's model and step are celebahq's
+    for n in (8, 32):
+      assert plans[f"{name}_{n}"] == [2 * n, 2, n], (name, n)

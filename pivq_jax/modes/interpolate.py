@@ -57,7 +57,7 @@ def run(config, workdir: str, mesh) -> dict:
   images_b = np.stack([images[1] for _, images in pairs for _ in range(per)])
   keys = jax.random.split(jax.random.key(config.seed), len(images_a))
   fn = compile_cache.jit("interpolate", config, mesh, lambda: jax.jit(
-      functools.partial(sampling.path_step, model=exp.model, frames=ip.frames)))
+      functools.partial(sampling.path_step, model=exp.model, frames=ip.frames)), ip.frames)
   codes_a, codes_b, n, codes, decoded = sharding_lib.to_host(
       fn(state.ema_params, images_a, images_b, keys))
   frames = visualize.to_uint8(decoded)

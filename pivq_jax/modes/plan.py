@@ -68,10 +68,10 @@ TPU_SLICES = {
 }
 
 
-def target_devices(topology: str):
+def target_devices(topology: str, num_devices: int = 0):
   """The devices to compile for: a TPU slice's (no TPU needed) or this host's."""
   if not topology:
-    return jax.devices()
+    return jax.devices()[:num_devices or None]
   if topology not in TPU_SLICES:
     raise config_lib.ConfigError(f"plan.topology={topology!r} is not a known TPU slice; use "
                                  f"one of {', '.join(TPU_SLICES)} or '' for this host's "
@@ -122,7 +122,7 @@ def estimate(flops: float, bytes_accessed: float, steps: int, dtype: str,
 
 
 def run(config, workdir: str) -> dict:
-  devices = target_devices(config.plan.topology)
+  devices = target_devices(config.plan.topology, config.plan.num_devices)
   config_lib.check_config(config, num_devices=len(devices))
   mesh = experiment.make_mesh(config, devices=devices)
   # Read on this host, outside the target mesh (whose devices may not be attached here).
@@ -185,7 +185,7 @@ def format_plan(plan: dict) -> str:
 def per_device_batch_sweep(config, workdir, per_device_batches) -> list[dict]:
   """The plan at several per-device batch sizes (README: what a larger batch would cost)."""
   out = []
-  devices = target_devices(config.plan.topology)
+  devices = target_devices(config.plan.topology, config.plan.num_devices)
   m = config.mesh
   data, fsdp, _ = sharding_lib.mesh_shape(m.data, m.fsdp, m.model, len(devices))
   for b in per_device_batches:
