@@ -11,7 +11,7 @@ Usage: $prog --name=NAME --zone=ZONE --accelerator=TYPE --workdir=DIR --config=F
            [--create] [--spot] [--detach] [--dry-run] [-- TRAINER_FLAGS...]
 
 Ships the git HEAD of this repository to every worker of the TPU VM NAME, installs it into
-a virtualenv there (~/pivq_jax/venv, with jax[tpu] at setup.cfg's jax pin) and runs
+a virtualenv there (~/pivq_jax/venv: the [tpu] extra under constraints.txt) and runs
   PIVQ_JAX_DISTRIBUTED=1 python -m pivq_jax.main --config=FILE --workdir=DIR --mode=MODE ...
 on all workers at once. Every step is one command; --dry-run prints them instead.
 
@@ -108,9 +108,8 @@ if [[ $config_file != /* ]] && ! git -C "$repo" cat-file -e "HEAD:$config_file" 
   die "--config file '$config_file' is not in git HEAD $sha, which is what gets shipped."
 fi
 git -C "$repo" diff --quiet HEAD 2>/dev/null || note "uncommitted changes are not shipped; the workers run HEAD $sha."
-# jax[tpu] at the same version setup.cfg pins, so pip resolves libtpu to match jax.
-jax_version=$(git -C "$repo" show HEAD:setup.cfg | sed -n 's/^[[:space:]]*jax==\([^[:space:];]*\).*/\1/p')
-[[ -n $jax_version ]] || die "found no 'jax==VERSION' pin in setup.cfg at HEAD."
+# The [tpu] extra under constraints.txt: jax[tpu] at the tested jax, so libtpu matches.
+git -C "$repo" cat-file -e HEAD:constraints.txt 2>/dev/null || die "constraints.txt is not in git HEAD $sha."
 
 gcloud_where=(--zone="$zone")
 [[ -z $project ]] || gcloud_where+=(--project="$project")
@@ -139,7 +138,9 @@ install+="; tar -xzf $remote.tar.gz -C $remote/src; rm -f $remote.tar.gz"
 install+="; command -v $py >/dev/null || { sudo apt-get update -q && sudo apt-get install -yq $py $(quote "$python-venv"); }"
 install+="; [ -x $remote/venv/bin/python ] || $py -m venv $remote/venv"
 install+="; $remote/venv/bin/pip install -q --upgrade pip"
-install+="; $remote/venv/bin/pip install -q -e $remote/src $(quote "jax[tpu]==$jax_version")"
+install+="; $remote/venv/bin/pip install -q -e $(quote "$remote/src[tpu]") -c $remote/src/constraints.txt"
+# The FID Inception weights --mode=eval reads, converted once per worker into its cache.
+install+="; $remote/venv/bin/python $remote/src/third_party/fid_inception_weights.py"
 run gcloud compute tpus tpu-vm ssh "$name" "${gcloud_where[@]}" --worker=all --command="$install"
 
 # 4. The run, on all workers at once: PIVQ_JAX_DISTRIBUTED=1 makes the trainer call

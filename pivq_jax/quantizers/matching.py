@@ -309,7 +309,9 @@ def _level(cost, init, *, c, final, max_rounds):
   previous level's result `init` where that one converged. Returns a result dict."""
   bsz, l, k = cost.shape
   # The barrier keeps XLA from rewriting top_k into a full sort when fused with its users.
-  neg, cand = jax.lax.optimization_barrier(jax.lax.top_k(-cost, c))
+  # One barrier per array: a barrier over the (values, indices) pair crashes XLA:CPU's
+  # compiler under shard_map on several devices (jax 0.10.2).
+  neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, c))
   spread = neg[..., :1] - neg  # >= 0: each list shifted so its best costs 0
   scale = jnp.max(spread, axis=(1, 2))
   scale = jnp.where(scale > 0, scale, 1.0)
