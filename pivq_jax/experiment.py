@@ -106,9 +106,9 @@ class Experiment:
 
   def write_image(self, step: int, name: str, tag: str, image: np.ndarray) -> None:
     """images/<name>_<step>.png (process 0 only) and TensorBoard image `tag`."""
-    if jax.process_index() == 0:
-      visualize.save_png(epath.Path(self.workdir) / "images" / f"{name}_{step:08d}.png",
-                         image)
+    path = self.image_path(step, name)
+    if path is not None:
+      visualize.save_png(path, image)
     self.writer.write_images(step, {tag: image[None]})
 
   def image_path(self, step: int, name: str) -> epath.Path | None:

@@ -1,6 +1,7 @@
 """FactorQVAE through the project's one trainer: training, resume, eval with DCI / InfoMEC,
 and the configs (spec factorqvae.md)."""
 
+import collections
 import json
 import os
 
@@ -11,6 +12,7 @@ from PIL import Image
 import pytest
 
 from conftest import load_config
+from pivq_jax import compile_cache
 from pivq_jax import config_lib
 from pivq_jax import checkpoints
 from pivq_jax import runner
@@ -62,6 +64,8 @@ def test_disentanglement_of_codes_that_track_the_factors(monkeypatch, tmp_path):
     return batch["image"][:, 0, 0, :].astype(jnp.int32)
 
   monkeypatch.setattr(disentanglement_evaluator, "latents_step", fake_latents)
+  # A fresh compile cache for this test: steps jitted before the swap are not reused.
+  monkeypatch.setattr(compile_cache, "_cache", collections.OrderedDict())
   results = runner.run(c, workdir, mode="eval")
   for k in ("disentanglement", "completeness", "informativeness_train",
             "informativeness_test"):

@@ -7,6 +7,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from pivq_jax import compile_cache
 from pivq_jax.data import pipeline
 from pivq_jax.evaluation import disentanglement
 from pivq_jax.evaluation import probing
@@ -35,9 +36,9 @@ class Evaluator:
   def __init__(self, exp):
     self.exp = exp
     c = exp.config
-    # Not cached across runs: tests swap latents_step for a stand-in.
-    self.fn = jax.jit(functools.partial(latents_step, model=exp.model, family=c.family,
-                                        code_values=c.eval.dci_code_values))
+    self.fn = compile_cache.jit("latents", c, exp.mesh, lambda: jax.jit(functools.partial(
+        latents_step, model=exp.model, family=c.family,
+        code_values=c.eval.dci_code_values)), c.eval.dci_code_values)
 
   def latents(self, state, split: str, n: int):
     exp, c = self.exp, self.exp.config
