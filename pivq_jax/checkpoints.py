@@ -5,44 +5,183 @@ another architecture. Orbax writes each step to a temporary directory and rename
 complete, so a killed run never leaves a checkpoint that looks whole but is not.
 """
 
+import contextlib
 import json
+import os
 import signal
+import socket
+import time
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from pivq_jax import config_lib
 
 
+class WorkdirError(ValueError):
+  """A workdir or output directory that cannot be used, in one sentence."""
+
+
+def check_workdir(workdir, *, write: bool) -> None:
+  """The workdir's shape and permissions, before anything compiles.
+
+  `write`: the mode writes here (train). Reading modes only need what is there.
+  """
+  root = epath.Path(workdir)
+  for path, want_dir in ((root, True), (root / "checkpoints", True),
+                         (root / "config.json", False)):
+    if path.exists() and path.is_dir() != want_dir:
+      kind = "a directory" if want_dir else "a file"
+      raise WorkdirError(f"{path} exists but is not {kind}; move it away or use another "
+                         "--workdir.")
+  if write:
+    check_writable(root, "--workdir")
+
+
+def check_writable(directory, what: str) -> None:
+  """Creates `directory` if needed and proves a file can be written there."""
+  directory = epath.Path(directory)
+  probe = directory / f".write_test_{socket.gethostname()}_{os.getpid()}"
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    probe.write_text("")
+    probe.unlink()
+  except OSError as e:
+    raise WorkdirError(f"{what} {directory} is not writable ({type(e).__name__}: "
+                       f"{getattr(e, 'strerror', None) or e}); fix its permissions or choose "
+                       "a writable directory.") from None
+
+
+LOCK = ".pivq_jax.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def lock(directory, what: str):
+  """One writer per workdir or export directory: a lock file holding host and pid.
+
+  A second run is refused in one sentence; a lock left by a dead process on this host is
+  taken over. Multi-host runs take it on process 0 only (the others share its work).
+  """
+  if jax.process_index() > 0:
+    yield
+    return
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  path = directory / LOCK
+  me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+  for _ in range(2):
+    try:
+      if "://" in str(path):  # object stores have no exclusive create: best effort
+        if path.exists():
+          raise FileExistsError(str(path))
+        path.write_text(json.dumps(me))
+      else:
+        with open(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+          f.write(json.dumps(me))
+      break
+    except FileExistsError:
+      try:
+        other = json.loads(path.read_text())
+      except (OSError, ValueError):
+        other = {}
+      if other.get("host") == me["host"] and not _pid_alive(int(other.get("pid", -1))):
+        logging.warning("Taking over the stale lock %s of dead process %s.", path,
+                        other.get("pid"))
+        path.unlink(missing_ok=True)
+        continue
+      raise WorkdirError(
+          f"{what} {directory} is in use by another run (pid {other.get('pid', '?')} on "
+          f"{other.get('host', '?')}); wait for it, or delete {path} if that run is gone.")
+  try:
+    yield
+  finally:
+    try:
+      if json.loads(path.read_text()).get("pid") == me["pid"]:
+        path.unlink(missing_ok=True)
+    except (OSError, ValueError):
+      pass
+
+
 def manager(workdir, *, keep: int) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  # Saves are asynchronous; a wait on a stuck filesystem is bounded (choice: 10 minutes).
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                         async_options=ocp.AsyncOptions(timeout_secs=600))
   return ocp.CheckpointManager(epath.Path(workdir) / "checkpoints", options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
-def restore_or_keep(mngr: ocp.CheckpointManager, state, shardings):
-  """The latest checkpoint restored into `state`'s layout, or `state` when there is none."""
-  step = mngr.latest_step()
-  if step is None:
+def restore_or_keep(mngr: ocp.CheckpointManager, state, shardings, *,
+                    set_aside: bool = False):
+  """The latest readable checkpoint restored into `state`'s layout, or `state` when there is
+  none.
+
+  An unreadable or non-finite checkpoint is reported in one sentence and the previous one
+  tried; none is ever deleted. `set_aside` (training) renames a bad one to
+  `<step>.unreadable`, so that the resumed run can save that step again.
+  """
+  steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     return state
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           state, shardings)
-  logging.info("Resuming from checkpoint step %d in %s", step, mngr.directory)
-  mismatch = config_lib.ConfigError(
-      f"The checkpoint at step {step} in {mngr.directory} does not fit this config's train "
-      "state (its arrays differ); use a new --workdir or the config it was trained with.")
-  saved = mngr.item_metadata(step)
-  saved = saved.tree if hasattr(saved, "tree") else saved
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
-  # Compare leaf shapes first: a failed orbax restore leaves its reads dangling.
-  if saved is not None and shapes(saved) != shapes(abstract):
-    raise mismatch
-  try:
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
-  except (ValueError, KeyError, TypeError) as e:  # another layout with the same shapes
-    raise mismatch from e
+  problems = []
+  for step in steps:
+    try:
+      saved = mngr.item_metadata(step)
+      saved = saved.tree if hasattr(saved, "tree") else saved
+    except Exception:  # pylint: disable=broad-except
+      saved = None  # unreadable metadata: the restore below says what is wrong
+    # Compare leaf shapes first: a whole checkpoint of another model means a wrong config,
+    # not a corrupt file (and a failed orbax restore leaves its reads dangling).
+    if saved is not None and jax.tree.leaves(saved) and shapes(saved) != shapes(abstract):
+      raise config_lib.ConfigError(
+          f"The checkpoint at step {step} in {mngr.directory} does not fit this config's "
+          "train state (its arrays differ); use a new --workdir or the config it was "
+          "trained with.")
+    try:
+      restored = mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+      problem = None if _finite(restored) else "it holds NaN or Inf"
+    except Exception as e:  # pylint: disable=broad-except
+      problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e) else ''}"
+    if problem is None:
+      logging.info("Resuming from checkpoint step %d in %s", step, mngr.directory)
+      return restored
+    problems.append(step)
+    logging.warning("The checkpoint at step %d (%s/%d) is unreadable (%s); falling back to "
+                    "the previous one.", step, mngr.directory, step, problem)
+    if set_aside and jax.process_index() == 0:
+      src = epath.Path(mngr.directory) / str(step)
+      src.rename(src.with_name(f"{step}.unreadable"))
+      mngr.reload()
+  raise CheckpointError(
+      f"None of the checkpoints in {mngr.directory} (steps {problems}) could be restored, "
+      f"the latest failing with {problem}; if they were trained with another config use "
+      "that config, else start again in a new --workdir.")
+
+
+class CheckpointError(ValueError):
+  """No checkpoint of a workdir can be restored."""
+
+
+def _finite(tree) -> bool:
+  """On device: works for arrays sharded over hosts too."""
+  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return bool(jax.jit(lambda ls: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                                                     for x in ls])))(leaves))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -54,7 +193,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 # ----------------------------------------------------------------------------------------
 IDENTITY_SECTIONS = ("family", "data", "model", "quantizer", "disc", "factorqvae")
 # Where the data lives and how it is read may change between machines; the model may not.
-_NOT_IDENTITY = {"data": ("data_dir", "num_threads")}
+_NOT_IDENTITY = {"data": ("data_dir", "num_threads", "max_unreadable_fraction")}
 
 # Fields added after workdirs were written, with the value those workdirs were trained with.
 _LEGACY_VALUES = {"factorqvae": {"image_offset": 0.0, "residual_gain": None,

@@ -46,6 +46,7 @@ class Experiment:
     self.preemption = checkpoints.Preemption()  # first: a SIGTERM while compiling still saves
     self.sources = {split: pipeline.make_source(config.data, split)
                     for split in ("train", "test")}
+    checkpoints.check_workdir(workdir, write=mode == "train")
     self.mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
     if mode != "train":  # every other mode reads a trained checkpoint
       if self.mngr.latest_step() is None:
@@ -56,7 +57,9 @@ class Experiment:
         raise config_lib.ConfigError(
             f"The checkpoint at step {self.mngr.latest_step()} predates quantization (T_q = "
             f"{config.codebook_init.start_step}), so it has no code sets; train past T_q.")
-    checkpoints.check_workdir_config(workdir, config, write=mode == "train")
+    # config.json is written only once the state is built (create_state): a failed start
+    # never claims the workdir for its config.
+    checkpoints.check_workdir_config(workdir, config, write=False)
     self.data_sharding = sharding_lib.batch_sharding(mesh)
     self.replicated = sharding_lib.replicated(mesh)
     self.modules = train_state.build_modules(config)
@@ -87,10 +90,18 @@ class Experiment:
     nets = {c.loss.lpips_net if c.loss.lpips_weight else "", c.eval.lpips_net}
     self.lpips_params = {net: jax.device_put(lpips.load_lpips_params(net), self.replicated)
                          for net in nets if net and self.mode in ("train", "eval")}
+    # A read-only run can still be exported elsewhere: its summaries then go to the log.
+    writable = self.mode == "train" or os.access(self.workdir, os.W_OK) or (
+        "://" in self.workdir)
     self.writer = metric_writers.create_default_writer(
-        self.workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+        self.workdir, just_logging=jax.process_index() > 0 or not writable,
+        asynchronous=False)
     state, self.shardings = train_state.create_train_state(c, self.modules, self.mesh)
-    return checkpoints.restore_or_keep(self.mngr, state, self.shardings)
+    state = checkpoints.restore_or_keep(self.mngr, state, self.shardings,
+                                        set_aside=self.mode == "train")
+    if self.mode == "train":
+      checkpoints.check_workdir_config(self.workdir, c)
+    return state
 
   # -- shared by evaluators and modes ------------------------------------------------------
   @functools.cached_property

@@ -39,6 +39,7 @@ FORMAT = "pivq_jax.codes/v1"
 LABEL_KEYS = ("factors", "attributes")  # integer label arrays a source may carry
 MANIFEST = "manifest.json"
 SPEC = "export_spec.json"
+CHECK = ".sha256"  # beside each finished shard: {"bytes", "sha256"} as written
 
 
 class ExportError(ValueError):
@@ -108,8 +109,9 @@ def _check_spec(out_dir: epath.Path, spec: dict) -> None:
     if saved != spec:
       diff = sorted(k for k in set(saved) | set(spec) if saved.get(k) != spec.get(k))
       raise ExportError(
-          f"{out_dir} holds an export of another config or checkpoint ({', '.join(diff)} "
-          "differ); delete it or set --config.export.dir to a new directory.")
+          f"{out_dir} holds an export of another config, checkpoint or weights "
+          f"({', '.join(diff)} differ); delete it or set --config.export.dir to a new "
+          "directory.")
   else:
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(SPEC + ".tmp")
@@ -145,8 +147,11 @@ def write(encode: Callable[[np.ndarray], Any], source, out_dir, *, split: str,
   spec = dict(spec, format=FORMAT, split=split, num_examples=n, shard_size=shard_size)
   if process_index == 0:
     _check_spec(out_dir, spec)
+    # Removed first, written last: a manifest is present only beside a complete export.
+    (out_dir / MANIFEST).unlink(missing_ok=True)
   names = [shard_name(split, s, plan.num_shards) for s in range(plan.num_shards)]
-  todo = [s for s in range(plan.num_shards) if not (out_dir / names[s]).exists()]
+  todo = [s for s in range(plan.num_shards)
+          if not _shard_ok(out_dir, names[s], remove=process_index == 0)]
   if todo and len(todo) < plan.num_shards:
     logging.info("Resuming the export in %s: %d of %d shards to write.", out_dir, len(todo),
                  plan.num_shards)
@@ -171,8 +176,12 @@ def write(encode: Callable[[np.ndarray], Any], source, out_dir, *, split: str,
 
   def finish(shard):
     writer.close()
-    tf.io.gfile.rename(str(out_dir / (names[shard] + ".tmp")), str(out_dir / names[shard]),
-                       overwrite=True)
+    tmp = out_dir / (names[shard] + ".tmp")
+    data = tmp.read_bytes()
+    # Size and hash recorded before the rename: a rerun re-checks every finished shard.
+    (out_dir / (names[shard] + CHECK)).write_text(json.dumps(
+        {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    tf.io.gfile.rename(str(tmp), str(out_dir / names[shard]), overwrite=True)
 
   def flush(shard, chunk, items, codes):
     nonlocal writer, current
@@ -210,6 +219,28 @@ def write(encode: Callable[[np.ndarray], Any], source, out_dir, *, split: str,
     return {}
   extra = dict(extra_manifest or {}, has_id=ids is not None)
   return _write_manifest(out_dir, plan, names, spec, label_names or {}, extra)
+
+
+def _shard_ok(out_dir: epath.Path, name: str, *, remove: bool) -> bool:
+  """Whether a finished shard is whole: its size and hash match the record written with it.
+  A failing one is named, removed (by `remove`, process 0) and written again."""
+  path, check = out_dir / name, out_dir / (name + CHECK)
+  if not path.exists():
+    return False
+  try:
+    want = json.loads(check.read_text())
+    data = path.read_bytes()
+    problem = (None if (len(data), hashlib.sha256(data).hexdigest()) == (want["bytes"],
+                                                                          want["sha256"])
+               else f"{len(data)} bytes where {want['bytes']} were written, or another hash")
+  except (OSError, ValueError, KeyError) as e:
+    problem = f"no readable size and hash record ({type(e).__name__})"
+  if problem is None:
+    return True
+  logging.warning("Export shard %s fails its check (%s); writing it again.", path, problem)
+  if remove:
+    path.unlink(missing_ok=True)
+  return False
 
 
 def _write_manifest(out_dir, plan, names, spec, label_names, extra) -> dict[str, Any]:

@@ -1,9 +1,12 @@
 """The mode table: the one place that names modes. `run(config, workdir, mode)` checks the
 config, builds the mesh and hands over to the mode's module in pivq_jax/modes/."""
 
+import contextlib
+
 import jax
 import ml_collections
 
+from pivq_jax import checkpoints
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax.modes import evaluate
@@ -46,5 +49,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
         f"--mode={mode} needs code sets of L distinct codes, which only "
         "quantizer.assignment='matching' guarantees; use a matching run.")
   experiment.log_start(config, mesh)
-  with jax.set_mesh(mesh):  # where sharding.per_example finds it while tracing
+  with contextlib.ExitStack() as stack:
+    if mode == "train":  # one training per workdir (export locks its own directory)
+      checkpoints.check_workdir(workdir, write=True)
+      stack.enter_context(checkpoints.lock(workdir, "--workdir"))
+    stack.enter_context(jax.set_mesh(mesh))  # where sharding.per_example finds it
     return MODES[mode][config.family](config, workdir, mesh)

@@ -37,6 +37,14 @@ class TrainState:
   history: jax.Array  # float32[W * n, D]: encoder outputs of the last W steps (§3.7)
 
 
+def all_finite(*trees) -> jax.Array:
+  """Whether every floating leaf of `trees` is finite: the per-step divergence check, a few
+  reductions on device that the loop reads only when it logs, evaluates or saves."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for t in trees
+                            for x in jax.tree.leaves(t)
+                            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]))
+
+
 def module_fields(cls, section, **explicit) -> dict[str, Any]:
   """The fields of flax module `cls` found by name in config `section`, plus `explicit`."""
   names = {f.name for f in dataclasses.fields(cls)} - {"parent", "name"}

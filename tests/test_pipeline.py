@@ -70,7 +70,8 @@ def test_image_folder_skips_corrupt_files(tmp_path):
   (tmp_path / "bad.png").write_bytes(b"")
   (tmp_path / "text.jpg").write_text("not an image")
   data = ml_collections.ConfigDict(dict(name="image_folder", data_dir=str(tmp_path),
-                                        resolution=16, test_fraction=0.0))
+                                        resolution=16, test_fraction=0.0,
+                                        max_unreadable_fraction=0.3))
   source = pipeline.make_source(data, "train")
   assert len(source) == 8
   items = [source[i] for i in range(len(source))]
@@ -79,6 +80,41 @@ def test_image_folder_skips_corrupt_files(tmp_path):
   assert len({int(it["index"]) for it in items}) == 6
   batches = pipeline.train_batches(source, local_batch=4, seed=0)
   assert next(batches)["image"].shape == (4, 16, 16, 3)
+
+
+def _folder(root, good: int, bad_dirs: int, per_bad_dir: int = 40):
+  for i in range(good):
+    Image.fromarray(np.full((20, 20, 3), i % 250, np.uint8)).save(root / f"good_{i:03d}.png")
+  for d in range(bad_dirs):  # a whole unreadable subfolder, sorted in the middle
+    (root / f"g{d}").mkdir()
+    for i in range(per_bad_dir):
+      (root / f"g{d}" / f"{i:03d}.png").write_bytes(b"\x89PNG truncated")
+  return ml_collections.ConfigDict(dict(name="image_folder", data_dir=str(root),
+                                        resolution=16, test_fraction=0.0,
+                                        max_unreadable_fraction=0.1))
+
+
+def test_clustered_unreadable_files_are_skipped_under_the_share(tmp_path):
+  # 80 bad files in a row (two subfolders), 8% of the folder: skipped, however clustered.
+  source = pipeline.make_source(_folder(tmp_path, good=920, bad_dirs=2), "train")
+  items = [source[i] for i in range(len(source))]
+  assert len({int(it["index"]) for it in items}) == 920
+  assert source.unfiltered.num_skipped == 80
+
+
+def test_unreadable_share_above_the_limit_stops_in_one_sentence(tmp_path):
+  source = pipeline.make_source(_folder(tmp_path, good=300, bad_dirs=2), "train")
+  with pytest.raises(ValueError, match=r"\d+ of a random 256 of the 380 images could not be decoded "
+                     r"\(\d+%, above data.max_unreadable_fraction=0.1\), e.g. g0/"):
+    for i in range(len(source)):
+      source[i]
+
+
+def test_nothing_readable(tmp_path):
+  data = _folder(tmp_path, good=0, bad_dirs=1, per_bad_dir=5)
+  data.max_unreadable_fraction = 1.0
+  with pytest.raises(ValueError, match="None of the 5 files"):
+    pipeline.make_source(data, "train")[0]
 
 
 def test_unknown_dataset_and_missing_dir():

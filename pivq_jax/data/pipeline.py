@@ -57,20 +57,26 @@ def make_source(data, split: str):
   from pivq_jax.data import image_folder
   return SkipInvalid(image_folder.ImageFolderSource(
       data.data_dir, resolution=data.resolution, split=split,
-      test_fraction=data.test_fraction))
+      test_fraction=data.test_fraction), data.get("max_unreadable_fraction", 0.1))
 
 
 class SkipInvalid(grain.sources.RandomAccessDataSource):
   """Replaces an unreadable example (`valid == False`) by the next readable one.
 
-  Policy for corrupt, truncated or non-image files: skip and count. The wrapped source logs
-  each bad file with a running count; substituting a deterministic neighbour instead of
-  dropping keeps batches a pure function of the step, so resume stays exact.
+  Policy for corrupt, truncated or non-image files: skip and count, however they cluster
+  (a whole bad subfolder included). Substituting a deterministic neighbour instead of
+  dropping keeps batches a pure function of the step, so resume stays exact. At the first
+  bad file a fixed random sample of `sample_size` files estimates the unreadable share (a
+  cluster met first says nothing about the rest); the run stops, in one sentence with the
+  counts and the first paths, only when that share passes `max_unreadable_fraction`, or
+  when nothing at all is readable.
   """
 
-  def __init__(self, source, max_tries: int = 64):
+  def __init__(self, source, max_unreadable_fraction: float = 0.1, sample_size: int = 256):
     self._source = source
-    self._max_tries = max_tries
+    self._max_fraction = max_unreadable_fraction
+    self._sample_size = sample_size
+    self._share_checked = False
 
   @property
   def unfiltered(self):
@@ -82,13 +88,28 @@ class SkipInvalid(grain.sources.RandomAccessDataSource):
 
   def __getitem__(self, index):
     n = len(self._source)
-    for k in range(self._max_tries):
+    for k in range(n):
       item = self._source[(int(index) + k) % n]
       if item.get("valid", True):
         item.pop("valid", None)
         return item
-    raise ValueError(f"{self._max_tries} consecutive examples from {index} could not be "
-                     f"decoded in {self._source!r}; the image folder looks corrupt.")
+      if not self._share_checked:
+        self._check_share(n)
+    raise ValueError(f"None of the {n} files of {self._source!r} could be decoded; point "
+                     "--config.data.data_dir at a folder of PNG, JPEG or WebP images.")
+
+  def _check_share(self, n: int) -> None:
+    self._share_checked = True
+    sample = np.random.default_rng(0).permutation(n)[:self._sample_size]
+    bad = sorted(int(i) for i in sample if not self._source[int(i)].get("valid", True))
+    if len(bad) > self._max_fraction * len(sample):
+      paths = getattr(self._source, "paths", None)
+      first = ", ".join(str(paths[i]) if paths else str(i) for i in bad[:3])
+      raise ValueError(
+          f"{len(bad)} of a random {len(sample)} of the {n} images could not be decoded "
+          f"({len(bad) / len(sample):.0%}, above data.max_unreadable_fraction="
+          f"{self._max_fraction}), e.g. {first} in {self._source!r}; fix or remove them, or "
+          "raise --config.data.max_unreadable_fraction.")
 
   def __repr__(self):
     return f"SkipInvalid({self._source!r})"

@@ -20,8 +20,17 @@ def train_batches(exp, start_step: int):
       num_threads=c.data.num_threads)
 
 
+class Diverged(FloatingPointError):
+  """The loss, gradients or parameters became NaN or Inf; nothing after the last good
+  checkpoint was saved."""
+
+
 class Loop:
-  """`after_step` logs, evaluates, saves and honours preemption; `finish` waits for saves."""
+  """`after_step` logs, evaluates, saves and honours preemption; `finish` waits for saves.
+
+  Use it as a context manager: on every exit path, errors included, it waits for in-flight
+  asynchronous saves, so a save is never cut off half-committed.
+  """
 
   def __init__(self, exp, start_step: int):
     self.exp, self.config = exp, exp.config
@@ -29,13 +38,29 @@ class Loop:
         num_train_steps=self.config.num_train_steps, writer=exp.writer)
     self.pending, self.results = [], {}
 
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.exp.mngr.wait_until_finished()
+    return False
+
   def after_step(self, step: int, state, metrics) -> bool:
     """Call once `step` updates are done; True when the loop must stop (preempted)."""
     c, exp = self.config, self.exp
+    exp.mngr.check_for_errors()  # a failed async save stops the run now, with its cause
     last = step == c.num_train_steps
     self.pending.append(metrics)
     self.report(step)
-    if step % c.log_every == 0 or last:
+    log = step % c.log_every == 0 or last
+    evaluate = step % c.eval_every == 0 or last
+    preempted = exp.preemption.reached(exp.mngr, step)
+    save = step % c.checkpoint_every == 0 or last or preempted
+    if log or evaluate or save:
+      # Every step's on-device finite flag is read before its state is logged, evaluated or
+      # saved: a diverged state is never checkpointed, and the steps between cost no sync.
+      self._check_finite(step)
+    if log:
       # One device->host transfer per log interval keeps the step loop asynchronous.
       stacked = sharding_lib.to_host(self.pending)
       # GAN metrics exist only from disc_start_step: average over the steps that have them.
@@ -44,21 +69,32 @@ class Loop:
       exp.writer.write_scalars(step, train_metrics)
       self.results.update(train_metrics)
       self.pending = []
-      if not np.isfinite(stacked[-1]["loss"]):
-        lr = "factorqvae.learning_rate" if c.family == "factorqvae" else "optim.learning_rate"
-        raise FloatingPointError(f"Training loss became {stacked[-1]['loss']} at step "
-                                 f"{step}; lower --config.{lr}.")
-    if step % c.eval_every == 0 or last:
+    if evaluate:
       eval_metrics = exp.evaluate(state, step)
       self.results.update(eval_metrics)
       logging.info("step %d: %s", step, {k: round(v, 4) for k, v in eval_metrics.items()})
-    preempted = exp.preemption.reached(exp.mngr, step)
-    if step % c.checkpoint_every == 0 or last or preempted:
+    if save:
       checkpoints.save(exp.mngr, step, state)
     if preempted:
       logging.warning("Preempted: saved step %d; run the same command again to resume.",
                       step)
     return preempted
+
+  def _check_finite(self, step: int) -> None:
+    flags = np.asarray(sharding_lib.to_host([m["finite"] for m in self.pending]))
+    if flags.all():
+      return
+    bad = step - len(flags) + 1 + int(np.argmin(flags))
+    self.exp.mngr.wait_until_finished()
+    good = self.exp.mngr.latest_step()
+    lr = ("factorqvae.learning_rate" if self.config.family == "factorqvae"
+          else "optim.learning_rate")
+    where = (f"the last good checkpoint is step {good} in {self.exp.mngr.directory}, and "
+             "the same command with a lower --config." + lr + " resumes from it"
+             if good is not None else
+             "no checkpoint was saved yet; rerun with a lower --config." + lr)
+    raise Diverged(f"Training diverged at step {bad} (the loss, gradients or parameters "
+                   f"became NaN or Inf); {where}.")
 
   def finish(self) -> dict:
     self.exp.mngr.wait_until_finished()

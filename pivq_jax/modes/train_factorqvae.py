@@ -58,6 +58,7 @@ def train_step(state: train_state.TrainState, batch, *, model, disc, tx, disc_tx
     metrics["disc_loss"], d_grads = jax.value_and_grad(disc_fn)(disc_params)
     d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
     disc_params = optax.apply_updates(disc_params, d_updates)
+  metrics["finite"] = train_state.all_finite(terms, grads, params, disc_params)
   # No EMA in the paper: eval and codes read the trained weights.
   return state.replace(step=state.step + 1, params=params, ema_params=params,
                        opt_state=opt_state, disc_params=disc_params,
@@ -83,13 +84,13 @@ def run(config, workdir: str, mesh) -> dict:
 
   step_fn = jit_train_step(config, exp.modules, exp.shardings, mesh)
   batches = loop.train_batches(exp, start_step)
-  train_loop = loop.Loop(exp, start_step)
 
   logging.info("Training from step %d to %d.", start_step, config.num_train_steps)
   step = start_step
-  while step < config.num_train_steps:
-    state, metrics = step_fn(state, exp.global_batch(next(batches)))
-    step += 1
-    if train_loop.after_step(step, state, metrics):
-      break
-  return train_loop.finish()
+  with loop.Loop(exp, start_step) as train_loop:
+    while step < config.num_train_steps:
+      state, metrics = step_fn(state, exp.global_batch(next(batches)))
+      step += 1
+      if train_loop.after_step(step, state, metrics):
+        break
+    return train_loop.finish()

@@ -121,6 +121,9 @@ def train_step(state: train_state.TrainState, batch, lpips_params, *, model, dis
       "batch_codebook_usage": jnp.sum(jnp.any(aux["presence"], axis=0)),
       "grad_norm": optax.tree.norm(grads), "quantize": jnp.float32(quantize),
       "adversarial": jnp.float32(adversarial_on),
+      # Loss, gradients and every updated weight (divergence check, loop.Loop).
+      "finite": train_state.all_finite(nll + g_term + q_loss, grads, params, disc_params,
+                                       ema),
   })
   new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
                             opt_state=opt_state, disc_params=disc_params,
@@ -167,28 +170,28 @@ def run(config, workdir: str, mesh) -> dict:
         functools.partial(matching_check.matching_check, model=exp.model,
                           exact_model=train_state.build_model(exact))))
   batches = loop.train_batches(exp, start_step)
-  train_loop = loop.Loop(exp, start_step)
 
   logging.info("Training from step %d to %d.", start_step, config.num_train_steps)
   step = start_step
-  while step < config.num_train_steps:
-    batch = exp.global_batch(next(batches))
-    if validate and step >= ci.start_step and step % config.quantizer.validate_every == 0:
-      # Same params and batch the step is about to use.
-      exp.writer.write_scalars(step, matching_check.validate_matching(
-          check_fn, state.params, batch, config.quantizer.num_codes))
-    variant = (step >= ci.start_step, adversarial_on(step))
-    state, metrics = step_fns[variant](state, batch, train_lpips)
-    step += 1
-    # Once `step` updates are done, so the state saved and evaluated at T_q already has the
-    # new codebook and quantizes from then on. T_q = 0 has no history to fit: the codebook
-    # keeps UT's uniform initialisation.
-    if step in init_steps and step > 0:
-      state, init_metrics = codebook_init.init_codebook(
-          state, num_codes=config.quantizer.num_codes, history_steps=ci.history_steps,
-          per_step=config_lib.history_latents_per_step(config),
-          kmeans_iters=ci.kmeans_iters, seed=config.seed)
-      exp.writer.write_scalars(step, init_metrics)
-    if train_loop.after_step(step, state, metrics):
-      break
-  return train_loop.finish()
+  with loop.Loop(exp, start_step) as train_loop:
+    while step < config.num_train_steps:
+      batch = exp.global_batch(next(batches))
+      if validate and step >= ci.start_step and step % config.quantizer.validate_every == 0:
+        # Same params and batch the step is about to use.
+        exp.writer.write_scalars(step, matching_check.validate_matching(
+            check_fn, state.params, batch, config.quantizer.num_codes))
+      variant = (step >= ci.start_step, adversarial_on(step))
+      state, metrics = step_fns[variant](state, batch, train_lpips)
+      step += 1
+      # Once `step` updates are done, so the state saved and evaluated at T_q already has
+      # the new codebook and quantizes from then on. T_q = 0 has no history to fit: the
+      # codebook keeps UT's uniform initialisation.
+      if step in init_steps and step > 0:
+        state, init_metrics = codebook_init.init_codebook(
+            state, num_codes=config.quantizer.num_codes, history_steps=ci.history_steps,
+            per_step=config_lib.history_latents_per_step(config),
+            kmeans_iters=ci.kmeans_iters, seed=config.seed)
+        exp.writer.write_scalars(step, init_metrics)
+      if train_loop.after_step(step, state, metrics):
+        break
+    return train_loop.finish()

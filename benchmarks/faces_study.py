@@ -1,0 +1,236 @@
+"""What limits learning on the faces default: held-out PSNR against step and CPU time.
+
+  python benchmarks/faces_study.py --variants=screen        # the screening set
+  python benchmarks/faces_study.py --variants=base,embed1 --steps=600
+  python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
+
+Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
+(`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
+`--eval_every` steps (reconstruction evaluator only, EMA and raw params). The curve is read
+back from the run's TensorBoard events, whose wall times are the CPU-time axis (the machine
+runs nothing else). One JSON line per finished variant goes to --out; a rerun skips the
+variants already there and resumes an interrupted one from its checkpoints.
+
+`convae` is the reference outside PI-VQ: the same conv trunk with a spatial 8x8xC
+bottleneck (C=32: as many floats as PI-VQ's 32x64 latents) and no transformers, trained
+with the same loss and optimizer by a loop in this file. It is a benchmark only.
+"""
+
+import json
+import os
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("variants", "screen", "Comma list of variant names, or a set name.")
+flags.DEFINE_integer("steps", 0, "Train steps per variant (0: the variant's own).")
+flags.DEFINE_integer("eval_every", 200, "Held-out eval interval in steps.")
+flags.DEFINE_string("out", "benchmarks/results/faces_study.jsonl", "Results, one line each.")
+flags.DEFINE_string("workroot", "/tmp/faces_study", "Parent of the variants' workdirs.")
+flags.DEFINE_string("plot", "docs/faces_study.png", "Curves PNG ('' = none).")
+flags.DEFINE_bool("plot_only", False, "Only redraw the plot from --out.")
+
+# Unquantized screening: the schedule's quantizer and GAN start after the last step, so
+# these measure the autoencoder alone (the ceiling the set bottleneck allows).
+_UNQ = {"codebook_init.start_step": 10_000, "codebook_init.reinit_steps": (),
+        "loss.disc_start_step": 10_000, "num_train_steps": 600}
+
+VARIANTS = {
+    # name: overrides on configs/faces.py
+    "base": dict(_UNQ),
+    "lr1e-3": dict(_UNQ, **{"optim.learning_rate": 1e-3}),
+    "lr1e-4": dict(_UNQ, **{"optim.learning_rate": 1e-4}),
+    "embed1": dict(_UNQ, **{"model.embed_std": 1.0}),
+    "lpips_off": dict(_UNQ, **{"loss.lpips_weight": 0.0}),
+    "lpips_official_input": dict(_UNQ, **{"loss.lpips_ut_input": False}),
+    "wide": dict(_UNQ, **{"model.nf": 32}),
+    "grid16": dict(_UNQ, **{"model.ch_mult": (1, 2, 4)}),
+    "tfm4": dict(_UNQ, **{"model.tfm_layers": 4}),
+    "emb128": dict(_UNQ, **{"model.emb_dim": 128, "model.tfm_mlp_dim": 512}),
+    "batch16": dict(_UNQ, **{"batch_size": 16}),
+    "b2_0.99": dict(_UNQ, **{"optim.b2": 0.99}),
+    "convae": dict(_UNQ),
+}
+SETS = {
+    "screen": ["base", "convae", "embed1", "lr1e-3", "lpips_official_input", "lpips_off",
+               "grid16", "tfm4", "emb128", "wide", "batch16", "b2_0.99", "lr1e-4"],
+}
+
+
+def _config(name: str):
+  from configs import faces  # pylint: disable=g-import-not-at-top
+  c = faces.get_config()
+  c.eval.evaluators = ("reconstruction",)
+  c.eval.lpips_net = ""
+  c.eval.num_examples = 256
+  c.eval_every = FLAGS.eval_every
+  c.checkpoint_every = FLAGS.eval_every
+  c.keep_checkpoints = 1
+  for key, value in VARIANTS[name].items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  if FLAGS.steps:
+    c.num_train_steps = FLAGS.steps
+  return c
+
+
+def _curve(workdir: str) -> list[dict]:
+  """(step, seconds since the first event, eval scalars) from the run's TB events."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  points, t0 = {}, None
+  for fname in sorted(tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(fname):
+      t0 = event.wall_time if t0 is None else min(t0, event.wall_time)
+      for v in event.summary.value:
+        if v.tag.startswith("eval/") and v.tag.endswith("psnr"):
+          p = points.setdefault(event.step, {"step": event.step})
+          p[v.tag] = float(tf.make_ndarray(v.tensor))
+          p["seconds"] = event.wall_time
+  out = sorted(points.values(), key=lambda p: p["step"])
+  for p in out:
+    p["seconds"] = round(p["seconds"] - t0, 1)
+  return out
+
+
+def _run_pivq(name: str, workdir: str) -> list[dict]:
+  from pivq_jax import runner  # pylint: disable=g-import-not-at-top
+  runner.run(_config(name), workdir, "train")
+  return _curve(workdir)
+
+
+def _run_convae(name: str, workdir: str) -> list[dict]:
+  """The spatial-bottleneck reference: same trunk, same loss (l1 + LPIPS), same optimizer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from pivq_jax.data import pipeline
+  from pivq_jax.evaluators import common
+  from pivq_jax.losses import lpips
+  from pivq_jax.models import trunk
+  import flax.linen as nn
+
+  c = _config(name)
+  m = c.model
+  kw = dict(nf=m.nf, ch_mult=tuple(m.ch_mult), res_blocks=m.res_blocks,
+            attn_resolutions=tuple(m.attn_resolutions), norm_groups=m.norm_groups)
+  bottleneck = m.num_latents * m.emb_dim // (c.data.resolution // 8) ** 2
+
+  class ConvAE(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return trunk.Decoder(**kw)(trunk.Encoder(out_ch=bottleneck, **kw)(x))
+
+  model = ConvAE()
+  train = pipeline.make_source(c.data, "train")
+  test = pipeline.make_source(c.data, "test")
+  eval_data = list(pipeline.eval_batches(test, num_examples=c.eval.num_examples,
+                                         batch_size=c.eval.batch_size))
+  lp = lpips.load_lpips_params(c.loss.lpips_net)
+  params = model.init(jax.random.key(c.seed), jnp.zeros((1, 64, 64, 3)))["params"]
+  tx = optax.adam(c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2)
+  opt = tx.init(params)
+  ema = params
+
+  @jax.jit  # LPIPS weights as an argument: as closed-over constants XLA folds them slowly
+  def step(params, opt, ema, batch, lp):
+    x = pipeline.images(batch)
+
+    def loss_fn(p):
+      x_hat = model.apply({"params": p}, x)
+      dist = lpips.lpips_distance(lp, x_hat, x, net=c.loss.lpips_net,
+                                  ut_unscaled_input=c.loss.lpips_ut_input)
+      return jnp.mean(jnp.abs(x - x_hat)) + c.loss.lpips_weight * jnp.mean(dist)
+
+    grads = jax.grad(loss_fn)(params)
+    updates, opt = tx.update(grads, opt, params)
+    params = optax.apply_updates(params, updates)
+    ema = jax.tree.map(lambda e, p: c.ema.decay * e + (1 - c.ema.decay) * p, ema, params)
+    return params, opt, ema
+
+  @jax.jit
+  def eval_psnr(params, batch):
+    x = pipeline.images(batch)
+    return common.psnr(x, model.apply({"params": params}, x))
+
+  batches = pipeline.train_batches(train, local_batch=c.batch_size, seed=c.seed)
+  t0, curve = time.time(), []
+  for i in range(1, c.num_train_steps + 1):
+    params, opt, ema = step(params, opt, ema, next(batches), lp)
+    if i % c.eval_every == 0 or i == c.num_train_steps:
+      point = {"step": i}
+      for tag, p in (("ema", ema), ("raw", params)):
+        point[f"eval/{tag}/psnr"] = float(np.mean(np.concatenate(
+            [np.asarray(eval_psnr(p, b)) for b in eval_data])))
+      point["seconds"] = round(time.time() - t0, 1)
+      curve.append(point)
+      print(name, point, flush=True)
+  return curve
+
+
+def _done(path: str) -> dict:
+  if not os.path.exists(path):
+    return {}
+  with open(path) as f:
+    return {r["name"]: r for r in map(json.loads, f)}
+
+
+def plot(path: str, png: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  results = _done(path)
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+  for name, r in results.items():
+    steps = [p["step"] for p in r["curve"]]
+    secs = [p["seconds"] for p in r["curve"]]
+    psnr = [p["eval/ema/psnr"] for p in r["curve"]]
+    style = "--" if name == "convae" else "-"
+    axes[0].plot(steps, psnr, style, label=name)
+    axes[1].plot(secs, psnr, style, label=name)
+  axes[0].set_xlabel("step")
+  axes[1].set_xlabel("seconds on 2 CPU cores (compiles included)")
+  for ax in axes:
+    ax.set_ylabel("held-out EMA PSNR (dB)")
+    ax.grid(alpha=0.3)
+  axes[1].legend(fontsize=7, loc="lower right")
+  fig.tight_layout()
+  fig.savefig(png, dpi=110)
+
+
+def main(argv):
+  del argv
+  if FLAGS.plot_only:
+    return plot(FLAGS.out, FLAGS.plot)
+  names = SETS.get(FLAGS.variants, None) or FLAGS.variants.split(",")
+  unknown = [n for n in names if n not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f"Unknown variants {unknown}; known: {sorted(VARIANTS)}.")
+  os.makedirs(os.path.dirname(FLAGS.out), exist_ok=True)
+  for name in names:
+    if name in _done(FLAGS.out):
+      continue
+    workdir = os.path.join(FLAGS.workroot, name)
+    run = _run_convae if name == "convae" else _run_pivq
+    curve = run(name, workdir)
+    record = {"name": name, "overrides": {k: list(v) if isinstance(v, tuple) else v
+                                          for k, v in VARIANTS[name].items()},
+              "steps": FLAGS.steps or VARIANTS[name].get("num_train_steps"),
+              "final_ema_psnr": curve[-1]["eval/ema/psnr"], "curve": curve}
+    with open(FLAGS.out, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    print(name, record["final_ema_psnr"], flush=True)
+    if FLAGS.plot:
+      plot(FLAGS.out, FLAGS.plot)
+
+
+if __name__ == "__main__":
+  app.run(main)
