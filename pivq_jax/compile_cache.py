@@ -20,8 +20,8 @@ _lock = threading.Lock()
 # that pass what they use as arguments or as `extra` key parts.
 _SCHEDULE = ("num_train_steps", "log_every", "eval_every", "checkpoint_every",
              "keep_checkpoints", "per_device_batch_size")
-_SECTIONS = ("eval", "sample", "interpolate", "export", "plan", "mesh")
-_FIELDS = {"data": ("data_dir", "num_threads", "test_fraction"),
+_SECTIONS = ("eval", "sample", "interpolate", "export", "plan", "mesh", "divergence")
+_FIELDS = {"data": ("data_dir", "num_threads", "test_fraction", "max_unreadable_fraction"),
            "quantizer": ("validate_every",)}
 
 

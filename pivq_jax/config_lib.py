@@ -179,6 +179,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 1000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+
+  # On divergence (NaN or Inf in the loss, gradients or weights) the run stops, naming the
+  # last good checkpoint; nothing non-finite is ever saved. retries > 0 instead rolls back
+  # to that checkpoint and goes on past the batches that led there, at most `retries` times
+  # per run (choice, off by default: skipping data changes the run).
+  c.divergence = ml_collections.ConfigDict()
+  c.divergence.retries = 0
   return c
 
 
@@ -274,6 +281,7 @@ RANGES = (
     ("eval_every", 1, None, True, True),
     ("checkpoint_every", 1, None, True, True),
     ("keep_checkpoints", 1, None, True, True),
+    ("divergence.retries", 0, None, True, True),
     ("data.resolution", 8, None, True, True),
     ("data.num_threads", 1, None, True, True),
     ("data.test_fraction", 0, 1, False, False),

@@ -182,9 +182,15 @@ def test_export_errors_are_one_sentence(trained, tmp_path):
   spec_path = tmp_path / "codes" / export.SPEC
   spec = json.loads(spec_path.read_text())
   spec_path.write_text(json.dumps(dict(spec, checkpoint_step=3)))  # another checkpoint
-  with pytest.raises(export.ExportError, match="another config or checkpoint") as e:
+  with pytest.raises(export.ExportError, match="another config, checkpoint or weights "
+                     r"\(checkpoint_step differ\)") as e:
     runner.run(c, trained, mode="export")
   assert "\n" not in str(e.value)
+  # Another model's weights at the same config and step.
+  spec_path.write_text(json.dumps(dict(spec, params_sha256="0" * 64)))
+  with pytest.raises(export.ExportError, match=r"\(params_sha256 differ\)"):
+    runner.run(c, trained, mode="export")
+  spec_path.write_text(json.dumps(spec))
 
   shard = tmp_path / "codes" / export.load_manifest(tmp_path / "codes")["shards"][0]["file"]
   data = bytearray(shard.read_bytes())
@@ -192,6 +198,12 @@ def test_export_errors_are_one_sentence(trained, tmp_path):
   shard.write_bytes(bytes(data))
   with pytest.raises(export.ExportError, match="checksum|corrupt"):
     list(export.iterate(tmp_path / "codes"))
+  # A rerun checks every finished shard, rewrites the damaged one and names it.
+  whole = export.load_manifest(tmp_path / "codes")["sha256"]
+  shard.write_bytes(bytes(data[:40]))  # truncated as well
+  runner.run(c, trained, mode="export")
+  assert export.load_manifest(tmp_path / "codes")["sha256"] == whole
+  assert len(list(export.iterate(tmp_path / "codes"))) == 20
 
 
 def test_load_codes_is_the_export_as_one_array(trained, tmp_path):

@@ -1,8 +1,11 @@
 """What both training loops do around their step: input, logging, evals, checkpoints and
 preemption, on the schedule the config sets (log_every, eval_every, checkpoint_every)."""
 
+import json
+
 from absl import logging
 from clu import periodic_actions
+from etils import epath
 import jax
 import numpy as np
 
@@ -21,8 +24,15 @@ def train_batches(exp, start_step: int):
 
 
 class Diverged(FloatingPointError):
-  """The loss, gradients or parameters became NaN or Inf; nothing after the last good
-  checkpoint was saved."""
+  """The loss, gradients or parameters became NaN or Inf at `step`; nothing after the last
+  good checkpoint was saved."""
+
+  def __init__(self, message: str, step: int):
+    super().__init__(message)
+    self.step = step
+
+
+ROLLBACKS = "divergence.json"  # rollbacks so far and the batches they skip (exact resume)
 
 
 class Loop:
@@ -37,6 +47,33 @@ class Loop:
     self.report = periodic_actions.ReportProgress(
         num_train_steps=self.config.num_train_steps, writer=exp.writer)
     self.pending, self.results = [], {}
+    path = epath.Path(exp.workdir) / ROLLBACKS
+    self.rollbacks = (json.loads(path.read_text()) if path.exists()
+                      else {"retries": 0, "data_offset": 0})
+
+  @property
+  def data_offset(self) -> int:
+    """Batches skipped by rollbacks: step s trains on stream batch s + data_offset."""
+    return self.rollbacks["data_offset"]
+
+  def recover(self, error: Diverged, state):
+    """With divergence.retries left: back to the last good checkpoint, past the batches
+    that led to the divergence -> (state, step). Otherwise re-raises `error`."""
+    good = self.exp.mngr.latest_step()
+    r = self.rollbacks
+    if good is None or r["retries"] >= self.config.divergence.retries:
+      raise error
+    r["retries"] += 1
+    r["data_offset"] += error.step - good
+    if jax.process_index() == 0:
+      path = epath.Path(self.exp.workdir) / ROLLBACKS
+      path.with_name(ROLLBACKS + ".tmp").write_text(json.dumps(r))
+      path.with_name(ROLLBACKS + ".tmp").replace(path)
+    logging.warning("Diverged at step %d: rollback %d of %d to step %d, skipping %d "
+                    "batches.", error.step, r["retries"], self.config.divergence.retries,
+                    good, error.step - good)
+    self.pending = []
+    return checkpoints.restore_or_keep(self.exp.mngr, state, self.exp.shardings), good
 
   def __enter__(self):
     return self
@@ -94,7 +131,7 @@ class Loop:
              if good is not None else
              "no checkpoint was saved yet; rerun with a lower --config." + lr)
     raise Diverged(f"Training diverged at step {bad} (the loss, gradients or parameters "
-                   f"became NaN or Inf); {where}.")
+                   f"became NaN or Inf); {where}.", bad)
 
   def finish(self) -> dict:
     self.exp.mngr.wait_until_finished()

@@ -83,14 +83,18 @@ def run(config, workdir: str, mesh) -> dict:
     return exp.evaluate(state, start_step)
 
   step_fn = jit_train_step(config, exp.modules, exp.shardings, mesh)
-  batches = loop.train_batches(exp, start_step)
 
   logging.info("Training from step %d to %d.", start_step, config.num_train_steps)
   step = start_step
   with loop.Loop(exp, start_step) as train_loop:
+    batches = loop.train_batches(exp, start_step + train_loop.data_offset)
     while step < config.num_train_steps:
       state, metrics = step_fn(state, exp.global_batch(next(batches)))
       step += 1
-      if train_loop.after_step(step, state, metrics):
-        break
+      try:
+        if train_loop.after_step(step, state, metrics):
+          break
+      except loop.Diverged as e:  # re-raised unless config.divergence.retries allows
+        state, step = train_loop.recover(e, state)
+        batches = loop.train_batches(exp, step + train_loop.data_offset)
     return train_loop.finish()

@@ -169,11 +169,11 @@ def run(config, workdir: str, mesh) -> dict:
     check_fn = compile_cache.jit("matching_check", config, mesh, lambda: jax.jit(
         functools.partial(matching_check.matching_check, model=exp.model,
                           exact_model=train_state.build_model(exact))))
-  batches = loop.train_batches(exp, start_step)
 
   logging.info("Training from step %d to %d.", start_step, config.num_train_steps)
   step = start_step
   with loop.Loop(exp, start_step) as train_loop:
+    batches = loop.train_batches(exp, start_step + train_loop.data_offset)
     while step < config.num_train_steps:
       batch = exp.global_batch(next(batches))
       if validate and step >= ci.start_step and step % config.quantizer.validate_every == 0:
@@ -192,6 +192,10 @@ def run(config, workdir: str, mesh) -> dict:
             per_step=config_lib.history_latents_per_step(config),
             kmeans_iters=ci.kmeans_iters, seed=config.seed)
         exp.writer.write_scalars(step, init_metrics)
-      if train_loop.after_step(step, state, metrics):
-        break
+      try:
+        if train_loop.after_step(step, state, metrics):
+          break
+      except loop.Diverged as e:  # re-raised unless config.divergence.retries allows
+        state, step = train_loop.recover(e, state)
+        batches = loop.train_batches(exp, step + train_loop.data_offset)
     return train_loop.finish()

@@ -76,7 +76,8 @@ Non-finite costs
 A NaN/Inf cost means the model has diverged. Every solver raises ValueError("Matching cost
 contains NaN or Inf ..."): eagerly when the cost is concrete; under jit/vmap through a
 `jax.debug.callback` on one boolean (the error surfaces, with that message, as a runtime
-error when the result is used). As a second line of defence the auction returns -1 for
+error when the result is used). Training passes `check_finite=False`: its per-step finite
+check stops the run instead, naming the step and the last good checkpoint. As a second line of defence the auction returns -1 for
 every latent of an image whose costs are not finite (it runs on sanitised costs, so it
 always terminates).
 """
@@ -111,22 +112,24 @@ _NONFINITE_MSG = ("Matching cost contains NaN or Inf; the encoder output or code
 # Exact host solver.
 
 
-def _hungarian_host(cost: np.ndarray) -> np.ndarray:
+def _hungarian_host(cost: np.ndarray, check_finite: bool = True) -> np.ndarray:
   cost = np.asarray(cost)
-  if not np.all(np.isfinite(cost)):
+  if check_finite and not np.all(np.isfinite(cost)):
     raise ValueError(_NONFINITE_MSG)
   *lead, l, k = cost.shape
   flat = cost.reshape(-1, l, k)
-  out = np.empty((flat.shape[0], l), np.int32)
+  out = np.full((flat.shape[0], l), -1, np.int32)  # -1: an image with non-finite costs
   for i, c in enumerate(flat):
-    rows, cols = scipy.optimize.linear_sum_assignment(c)
-    out[i, rows] = cols
+    if np.all(np.isfinite(c)):
+      rows, cols = scipy.optimize.linear_sum_assignment(c)
+      out[i, rows] = cols
   return out.reshape(*lead, l)
 
 
-def _hungarian(cost):
+def _hungarian(cost, check_finite: bool = True):
   out_shape = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
-  return jax.pure_callback(_hungarian_host, out_shape, cost, vmap_method="expand_dims")
+  return jax.pure_callback(functools.partial(_hungarian_host, check_finite=check_finite),
+                           out_shape, cost, vmap_method="expand_dims")
 
 
 # ----------------------------------------------------------------------------------------
@@ -399,13 +402,16 @@ def _raise_if_nonfinite(all_finite):
     raise ValueError(_NONFINITE_MSG)
 
 
-def assign(cost, *, solver: str = "auction"):
+def assign(cost, *, solver: str = "auction", check_finite: bool = True):
   """cost: float[..., L, K] with L <= K -> int32[..., L] of distinct codes per row.
 
   Minimises sum_l cost[..., l, out[..., l]] subject to out[...] having no repeats
   ("auction": within L * 2^-21 * S of the optimum, see the module docstring; "hungarian":
   exact; "sinkhorn": one-to-one but not optimal). NaN/Inf costs raise ValueError, eagerly
-  for concrete inputs, at run time under jit/vmap.
+  for concrete inputs, at run time under jit/vmap. `check_finite=False` (the train step,
+  whose own per-step finite check reports divergence with its step and last good
+  checkpoint) skips the run-time check, which also keeps host callbacks out of the auction
+  (so the persistent compilation cache can hold it); images with non-finite costs get -1.
   """
   if solver not in SOLVERS:
     raise ValueError(f"Unknown matching solver {solver!r}; use one of {SOLVERS}.")
@@ -416,10 +422,10 @@ def assign(cost, *, solver: str = "auction"):
   if not isinstance(cost, jax.core.Tracer):
     if not np.all(np.isfinite(np.asarray(cost))):
       raise ValueError(_NONFINITE_MSG)
-  elif solver != "hungarian":  # the Hungarian callback checks on the host itself
+  elif solver != "hungarian" and check_finite:  # the Hungarian checks on the host itself
     jax.debug.callback(_raise_if_nonfinite, jnp.all(jnp.isfinite(cost)))
   if solver == "hungarian":
-    return _hungarian(cost)
+    return _hungarian(cost, check_finite)
   flat = cost.reshape(-1, l, k)
   if solver == "auction":
     out = _auction_jit(flat)

@@ -87,7 +87,9 @@ class VectorQuantizer(nn.Module):
       return nearest.assign(d2)
     # Matching minimises the sum of plain (not squared) Euclidean distances (spec §2).
     # Each device solves its own images (the solver's loop length varies per image).
-    solve = functools.partial(matching.assign, solver=self.solver)
+    # Divergence is the train step's finite check to report (with the step and the last
+    # good checkpoint), not a callback's: images with non-finite costs get code -1.
+    solve = functools.partial(matching.assign, solver=self.solver, check_finite=False)
     return sharding.per_example(solve, jnp.sqrt(jnp.maximum(d2, 0.0)))
 
   def lookup(self, indices):
