@@ -2,14 +2,17 @@
 
   python benchmarks/faces_study.py --variants=screen        # the screening set
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
+  python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
 `--eval_every` steps (reconstruction evaluator only, EMA and raw params). The curve is read
-back from the run's TensorBoard events, whose wall times are the CPU-time axis (the machine
-runs nothing else). One JSON line per finished variant goes to --out; a rerun skips the
-variants already there and resumes an interrupted one from its checkpoints.
+back from the run's TensorBoard events. The time axis is step x the variant's step cost,
+measured apart by `--step_costs` on an otherwise idle machine (best of 3 rounds, compiles
+excluded), so it does not depend on what else ran during the study. One JSON line per
+finished variant goes to --out; a rerun skips the variants already there and resumes an
+interrupted one from its checkpoints.
 
 `convae` is the reference outside PI-VQ: the same conv trunk with a spatial 8x8xC
 bottleneck (C=32: as many floats as PI-VQ's 32x64 latents) and no transformers, trained
@@ -34,6 +37,8 @@ flags.DEFINE_string("out", "benchmarks/results/faces_study.jsonl", "Results, one
 flags.DEFINE_string("workroot", "/tmp/faces_study", "Parent of the variants' workdirs.")
 flags.DEFINE_string("plot", "docs/faces_study.png", "Curves PNG ('' = none).")
 flags.DEFINE_bool("plot_only", False, "Only redraw the plot from --out.")
+flags.DEFINE_bool("step_costs", False, "Measure the step cost of every finished variant "
+                  "that lacks one (the plot's time axis), then redraw.")
 
 # Unquantized screening: the schedule's quantizer and GAN start after the last step, so
 # these measure the autoencoder alone (the ceiling the set bottleneck allows).
@@ -55,8 +60,16 @@ VARIANTS = {
     "batch16": dict(_UNQ, **{"batch_size": 16}),
     "b2_0.99": dict(_UNQ, **{"optim.b2": 0.99}),
     "convae": dict(_UNQ),
+    # Round 2: schedules and clipping (cosine ends at the variant's last step).
+    "warmup_cosine": dict(_UNQ, **{"optim.warmup_steps": 100, "optim.decay": "cosine"}),
+    "warmup_cosine_6e-4": dict(_UNQ, **{"optim.learning_rate": 6e-4,
+                                        "optim.warmup_steps": 100, "optim.decay": "cosine"}),
+    "clip1": dict(_UNQ, **{"optim.grad_clip_norm": 1.0}),
+    "tfm1": dict(_UNQ, **{"model.tfm_layers": 1}),
+    "latents64": dict(_UNQ, **{"model.num_latents": 64}),
 }
 SETS = {
+    "round2": ["warmup_cosine", "warmup_cosine_6e-4", "clip1", "tfm1", "latents64"],
     "screen": ["base", "convae", "embed1", "lr1e-3", "lpips_official_input", "lpips_off",
                "grid16", "tfm4", "emb128", "wide", "batch16", "b2_0.99", "lr1e-4"],
 }
@@ -106,19 +119,17 @@ def _run_pivq(name: str, workdir: str) -> list[dict]:
   return _curve(workdir)
 
 
-def _run_convae(name: str, workdir: str) -> list[dict]:
-  """The spatial-bottleneck reference: same trunk, same loss (l1 + LPIPS), same optimizer."""
+def _convae(c):
+  """The spatial-bottleneck reference: same trunk, same loss (l1 + LPIPS), same optimizer.
+  -> (model, init params, step(params, opt, ema, batch, lpips) -> (params, opt, ema), tx)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  import numpy as np
   import optax
   from pivq_jax.data import pipeline
-  from pivq_jax.evaluators import common
   from pivq_jax.losses import lpips
   from pivq_jax.models import trunk
   import flax.linen as nn
 
-  c = _config(name)
   m = c.model
   kw = dict(nf=m.nf, ch_mult=tuple(m.ch_mult), res_blocks=m.res_blocks,
             attn_resolutions=tuple(m.attn_resolutions), norm_groups=m.norm_groups)
@@ -130,15 +141,8 @@ def _run_convae(name: str, workdir: str) -> list[dict]:
       return trunk.Decoder(**kw)(trunk.Encoder(out_ch=bottleneck, **kw)(x))
 
   model = ConvAE()
-  train = pipeline.make_source(c.data, "train")
-  test = pipeline.make_source(c.data, "test")
-  eval_data = list(pipeline.eval_batches(test, num_examples=c.eval.num_examples,
-                                         batch_size=c.eval.batch_size))
-  lp = lpips.load_lpips_params(c.loss.lpips_net)
   params = model.init(jax.random.key(c.seed), jnp.zeros((1, 64, 64, 3)))["params"]
   tx = optax.adam(c.optim.learning_rate, b1=c.optim.b1, b2=c.optim.b2)
-  opt = tx.init(params)
-  ema = params
 
   @jax.jit  # LPIPS weights as an argument: as closed-over constants XLA folds them slowly
   def step(params, opt, ema, batch, lp):
@@ -155,6 +159,26 @@ def _run_convae(name: str, workdir: str) -> list[dict]:
     params = optax.apply_updates(params, updates)
     ema = jax.tree.map(lambda e, p: c.ema.decay * e + (1 - c.ema.decay) * p, ema, params)
     return params, opt, ema
+
+  return model, params, step, tx
+
+
+def _run_convae(name: str, workdir: str) -> list[dict]:
+  del workdir
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from pivq_jax.data import pipeline
+  from pivq_jax.evaluators import common
+  from pivq_jax.losses import lpips
+
+  c = _config(name)
+  model, params, step, tx = _convae(c)
+  train = pipeline.make_source(c.data, "train")
+  test = pipeline.make_source(c.data, "test")
+  eval_data = list(pipeline.eval_batches(test, num_examples=c.eval.num_examples,
+                                         batch_size=c.eval.batch_size))
+  lp = lpips.load_lpips_params(c.loss.lpips_net)
+  opt, ema = tx.init(params), params
 
   @jax.jit
   def eval_psnr(params, batch):
@@ -176,6 +200,47 @@ def _run_convae(name: str, workdir: str) -> list[dict]:
   return curve
 
 
+def step_cost(name: str, steps: int = 5, rounds: int = 3) -> float:
+  """Seconds per train step of a variant on this machine (best round; compile excluded):
+  the time axis of the plot, independent of whatever else ran during the study."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from pivq_jax import config_lib
+  from pivq_jax import experiment
+  from pivq_jax import train_state
+  from pivq_jax.losses import lpips
+  from pivq_jax.modes import train_pivq
+  c = _config(name)
+  lp = jax.device_put(lpips.load_lpips_params(c.loss.lpips_net))
+  batch = {"image": np.random.default_rng(0).integers(
+      0, 255, (c.batch_size, c.data.resolution, c.data.resolution, 3), np.uint8)}
+  if name == "convae":
+    _, params, fn, tx = _convae(c)
+    carry = (params, tx.init(params), params)
+    run = lambda carry: fn(*carry, batch, lp)
+  else:
+    config_lib.check_config(c, num_devices=jax.device_count())
+    mesh = experiment.make_mesh(c)
+    modules = train_state.build_modules(c)
+    carry, shardings = train_state.create_train_state(c, modules, mesh)
+    fn = train_pivq.jit_train_step(c, modules, shardings, mesh, quantize=False,
+                                   adversarial_on=False)
+    run = lambda state: fn(state, batch, lp)[0]
+  carry = jax.block_until_ready(run(carry))
+  best = float("inf")
+  for _ in range(rounds):
+    t = time.perf_counter()
+    for _ in range(steps):
+      carry = run(carry)
+    jax.block_until_ready(carry)
+    best = min(best, (time.perf_counter() - t) / steps)
+  return best
+
+
+def _costs_path(out: str) -> str:
+  return out.replace(".jsonl", "_step_costs.json")
+
+
 def _done(path: str) -> dict:
   if not os.path.exists(path):
     return {}
@@ -188,16 +253,17 @@ def plot(path: str, png: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   results = _done(path)
+  costs = json.load(open(_costs_path(path))) if os.path.exists(_costs_path(path)) else {}
   fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
   for name, r in results.items():
     steps = [p["step"] for p in r["curve"]]
-    secs = [p["seconds"] for p in r["curve"]]
+    secs = [p["step"] * costs.get(name, float("nan")) for p in r["curve"]]
     psnr = [p["eval/ema/psnr"] for p in r["curve"]]
     style = "--" if name == "convae" else "-"
     axes[0].plot(steps, psnr, style, label=name)
     axes[1].plot(secs, psnr, style, label=name)
   axes[0].set_xlabel("step")
-  axes[1].set_xlabel("seconds on 2 CPU cores (compiles included)")
+  axes[1].set_xlabel("train seconds on 2 CPU cores (step x measured step cost)")
   for ax in axes:
     ax.set_ylabel("held-out EMA PSNR (dB)")
     ax.grid(alpha=0.3)
@@ -208,7 +274,16 @@ def plot(path: str, png: str) -> None:
 
 def main(argv):
   del argv
-  if FLAGS.plot_only:
+  if FLAGS.step_costs:
+    path = _costs_path(FLAGS.out)
+    costs = json.load(open(path)) if os.path.exists(path) else {}
+    for name in _done(FLAGS.out):
+      if name not in costs:
+        costs[name] = round(step_cost(name), 4)
+        print(name, costs[name], flush=True)
+        with open(path, "w") as f:
+          json.dump(costs, f, indent=1, sort_keys=True)
+  if FLAGS.plot_only or FLAGS.step_costs:
     return plot(FLAGS.out, FLAGS.plot)
   names = SETS.get(FLAGS.variants, None) or FLAGS.variants.split(",")
   unknown = [n for n in names if n not in VARIANTS]

@@ -19,7 +19,7 @@ _lock = threading.Lock()
 # Config fields no jitted function reads: the schedule, I/O, and the sections of the modes
 # that pass what they use as arguments or as `extra` key parts.
 _SCHEDULE = ("num_train_steps", "log_every", "eval_every", "checkpoint_every",
-             "keep_checkpoints", "per_device_batch_size")
+             "keep_checkpoints", "per_device_batch_size", "output_dir")
 _SECTIONS = ("eval", "sample", "interpolate", "export", "plan", "mesh", "divergence")
 _FIELDS = {"data": ("data_dir", "num_threads", "test_fraction", "max_unreadable_fraction"),
            "quantizer": ("validate_every",)}
@@ -28,8 +28,11 @@ _FIELDS = {"data": ("data_dir", "num_threads", "test_fraction", "max_unreadable_
 def key_of(config) -> str:
   """The part of a config that defines the models and steps, as canonical JSON."""
   c = json.loads(config.to_json_best_effort())
+  # A cosine decay ends at num_train_steps: then the step's lr schedule reads it.
+  keep = ("num_train_steps",) if c.get("optim", {}).get("decay") == "cosine" else ()
   for k in _SCHEDULE + _SECTIONS:
-    c.pop(k, None)
+    if k not in keep:
+      c.pop(k, None)
   for section, fields in _FIELDS.items():
     for k in fields:
       c.get(section, {}).pop(k, None)

@@ -28,6 +28,9 @@ def base_config() -> ml_collections.ConfigDict:
   # mesh's data x fsdp devices instead. check_config resolves it; the run logs both.
   c.batch_size = 16
   c.per_device_batch_size = 0
+  # Where the reading modes (eval, sample, interpolate, export) write their results,
+  # summaries and pictures; "" = the workdir. Lets a read-only run be evaluated elsewhere.
+  c.output_dir = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.name = "faces"  # faces | celeba | celebahq | shapes3d | image_folder
@@ -97,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.b2 = 0.999
   c.optim.eps = 1e-8
   c.optim.warmup_steps = 0  # linear warm-up (choice; the paper uses none)
+  # After warm-up: "constant" (the paper) or "cosine" down to end_lr_factor x peak at
+  # num_train_steps (choice, for short runs).
+  c.optim.decay = "constant"
+  c.optim.end_lr_factor = 0.1
+  c.optim.grad_clip_norm = 0.0  # global-norm clipping before Adam; 0 = off (the paper)
 
   c.ema = ml_collections.ConfigDict()
   c.ema.decay = 0.995
@@ -315,6 +323,8 @@ RANGES = (
     ("optim.b2", 0, 1, True, False),
     ("optim.eps", 0, None, False, True),
     ("optim.warmup_steps", 0, None, True, True),
+    ("optim.end_lr_factor", 0, 1, True, True),
+    ("optim.grad_clip_norm", 0, None, True, True),
     ("ema.decay", 0, 1, True, False),
     ("ema.every", 1, None, True, True),
     ("plan.num_devices", 0, None, True, True),
@@ -446,6 +456,8 @@ def check_config(config, *, num_devices: int) -> None:
                       f"min(step, codebook_init.history_steps) steps x {per_step} per step), "
                       f"fewer than the K={q.num_codes} codes; raise "
                       "codebook_init.history_steps or latents_per_step.")
+  if config.optim.decay not in ("constant", "cosine"):
+    raise ConfigError(f"optim.decay is {config.optim.decay!r}; use 'constant' or 'cosine'.")
   if config.loss.lpips_net not in lpips.NETS:
     raise ConfigError(f"loss.lpips_net is {config.loss.lpips_net!r}; use one of "
                       f"{', '.join(lpips.NETS)}.")

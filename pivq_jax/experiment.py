@@ -43,10 +43,15 @@ class Experiment:
     if "://" not in workdir:  # orbax needs absolute paths; users type relative ones
       workdir = os.path.abspath(workdir)
     self.workdir = workdir
+    # What a reading mode writes goes here (config.output_dir, or the workdir).
+    out = config.get("output_dir", "") if mode != "train" else ""
+    self.output_dir = (out if "://" in out else os.path.abspath(out)) if out else workdir
     self.preemption = checkpoints.Preemption()  # first: a SIGTERM while compiling still saves
     self.sources = {split: pipeline.make_source(config.data, split)
                     for split in ("train", "test")}
     checkpoints.check_workdir(workdir, write=mode == "train")
+    if self.output_dir != workdir:
+      checkpoints.check_writable(self.output_dir, "--config.output_dir")
     self.mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
     if mode != "train":  # every other mode reads a trained checkpoint
       if self.mngr.latest_step() is None:
@@ -91,10 +96,10 @@ class Experiment:
     self.lpips_params = {net: jax.device_put(lpips.load_lpips_params(net), self.replicated)
                          for net in nets if net and self.mode in ("train", "eval")}
     # A read-only run can still be exported elsewhere: its summaries then go to the log.
-    writable = self.mode == "train" or os.access(self.workdir, os.W_OK) or (
-        "://" in self.workdir)
+    writable = self.mode == "train" or os.access(self.output_dir, os.W_OK) or (
+        "://" in self.output_dir)
     self.writer = metric_writers.create_default_writer(
-        self.workdir, just_logging=jax.process_index() > 0 or not writable,
+        self.output_dir, just_logging=jax.process_index() > 0 or not writable,
         asynchronous=False)
     state, self.shardings = train_state.create_train_state(c, self.modules, self.mesh)
     state = checkpoints.restore_or_keep(self.mngr, state, self.shardings,
@@ -126,7 +131,7 @@ class Experiment:
     """Where a plot of `step` goes; None on hosts other than process 0 (one writer)."""
     if jax.process_index() > 0:
       return None
-    return epath.Path(self.workdir) / "images" / f"{name}_{step:08d}.png"
+    return epath.Path(self.output_dir) / "images" / f"{name}_{step:08d}.png"
 
   def evaluate(self, state, step: int) -> dict:
     """Runs every evaluator enabled at `step`; writes and returns their scalars."""

@@ -88,9 +88,19 @@ def build_optimizer(config) -> optax.GradientTransformation:
   # UT/paper: Adam(0.9, 0.999), no weight decay, schedule or clipping; the same for D.
   o = config.optim
   lr = peak = config_lib.learning_rate(config)
-  if o.warmup_steps:  # not in the paper (choice, default 0): helps short high-lr runs
+  # Warm-up, decay and clipping are not in the paper (choices, default off): they help
+  # short CPU runs. With all of them off the optimizer state keeps the paper's layout.
+  decay = o.get("decay", "constant")
+  if decay == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, peak, max(o.warmup_steps, 1), max(config.num_train_steps, o.warmup_steps + 1),
+        end_value=peak * o.end_lr_factor)
+  elif o.warmup_steps:
     lr = optax.linear_schedule(0.0, peak, o.warmup_steps)
-  return optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  tx = optax.adam(lr, b1=o.b1, b2=o.b2, eps=o.eps)
+  if o.get("grad_clip_norm", 0.0):
+    tx = optax.chain(optax.clip_by_global_norm(o.grad_clip_norm), tx)
+  return tx
 
 
 def build_optimizers(config):

@@ -140,7 +140,7 @@ def test_failed_start_does_not_claim_the_workdir(tiny, tmp_path):
   assert not (tmp_path / "config.json").exists()
 
 
-def test_export_into_a_writable_directory_from_a_read_only_run(tiny, trained_copy, tmp_path,
+def test_export_and_eval_into_writable_directories_from_a_read_only_run(tiny, trained_copy, tmp_path,
                                                                 monkeypatch):
   real_access = os.access
   # Root ignores permission bits, so the read-only workdir is simulated.
@@ -151,6 +151,14 @@ def test_export_into_a_writable_directory_from_a_read_only_run(tiny, trained_cop
   out = runner.run(tiny, trained_copy, mode="export")
   assert out["export/num_records"] == 8
   assert not any(f.startswith("events") for f in os.listdir(trained_copy))
+  # Eval of the read-only run into a writable output_dir.
+  tiny.output_dir = str(tmp_path / "out")
+  tiny.eval.evaluators = ("reconstruction",)
+  results = runner.run(tiny, trained_copy, mode="eval")
+  saved = json.loads((tmp_path / "out" / "eval_00000006.json").read_text())
+  assert saved["eval/ema/psnr"] == results["eval/ema/psnr"]
+  assert (tmp_path / "out" / "images" / "recon_00000006.png").exists()
+  assert sorted(os.listdir(trained_copy)) == ["checkpoints", "config.json"]
 
 
 def test_params_fingerprint_tells_weights_apart():

@@ -1,5 +1,5 @@
 """--mode=eval: every evaluator of config.eval.evaluators that applies, on the latest
-checkpoint; the results go to TensorBoard and to <workdir>/eval_<step>.json."""
+checkpoint; the results go to TensorBoard and to <output_dir or workdir>/eval_<step>.json."""
 
 import json
 
@@ -15,6 +15,6 @@ def run(config, workdir: str, mesh) -> dict:
   step = int(state.step)
   results = exp.evaluate(state, step)
   if jax.process_index() == 0:
-    visualize.write_atomic(epath.Path(exp.workdir) / f"eval_{step:08d}.json",
+    visualize.write_atomic(epath.Path(exp.output_dir) / f"eval_{step:08d}.json",
                            json.dumps(results, indent=2, sort_keys=True).encode())
   return results

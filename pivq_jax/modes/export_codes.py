@@ -32,7 +32,8 @@ def params_fingerprint(params) -> str:
 
 def run(config, workdir: str, mesh) -> dict:
   e = config.export
-  root = workdir if "://" in workdir else os.path.abspath(workdir)
+  root = config.output_dir or workdir
+  root = root if "://" in root else os.path.abspath(root)
   out_dir = e.dir or str(epath.Path(root) / "export" / e.split)
   checkpoints.check_writable(out_dir, "The export directory")  # before anything compiles
   with checkpoints.lock(out_dir, "The export directory"):

@@ -61,7 +61,7 @@ def run(config, workdir: str, mesh) -> dict:
   codes_a, codes_b, n, codes, decoded = sharding_lib.to_host(
       fn(state.ema_params, images_a, images_b, keys))
   frames = visualize.to_uint8(decoded)
-  out_dir = epath.Path(exp.workdir) / "interpolations" / f"{step:08d}"
+  out_dir = epath.Path(exp.output_dir) / "interpolations" / f"{step:08d}"
   if jax.process_index() == 0:
     visualize.save_array(out_dir / "frames.npy", frames)
     visualize.save_array(out_dir / "codes.npy", np.asarray(codes))

@@ -31,7 +31,7 @@ def run(config, workdir: str, mesh) -> dict:
       first = [np.asarray(b["image"])[:sc.grid_images] for b in (batch_a, batch_b)]
       first.append(images[0][:sc.grid_images])
   images, codes = np.concatenate(images), np.concatenate(codes)
-  out_dir = epath.Path(exp.workdir) / "samples" / f"{step:08d}"
+  out_dir = epath.Path(exp.output_dir) / "samples" / f"{step:08d}"
   if jax.process_index() == 0:
     visualize.save_array(out_dir / "samples.npy", images)
     visualize.save_array(out_dir / "codes.npy", codes)
