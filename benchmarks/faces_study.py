@@ -67,8 +67,13 @@ VARIANTS = {
     "clip1": dict(_UNQ, **{"optim.grad_clip_norm": 1.0}),
     "tfm1": dict(_UNQ, **{"model.tfm_layers": 1}),
     "latents64": dict(_UNQ, **{"model.num_latents": 64}),
+    # Round 3: the encoder's positions at the scale of the features they are added to.
+    "input_pos1": dict(_UNQ, **{"model.input_pos_std": 1.0}),
+    "input_pos1_lpips_off": dict(_UNQ, **{"model.input_pos_std": 1.0,
+                                          "loss.lpips_weight": 0.0}),
 }
 SETS = {
+    "round3": ["input_pos1", "input_pos1_lpips_off"],
     "round2": ["warmup_cosine", "warmup_cosine_6e-4", "clip1", "tfm1", "latents64"],
     "screen": ["base", "convae", "embed1", "lr1e-3", "lpips_official_input", "lpips_off",
                "grid16", "tfm4", "emb128", "wide", "batch16", "b2_0.99", "lr1e-4"],

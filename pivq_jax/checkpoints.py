@@ -198,7 +198,8 @@ _NOT_IDENTITY = {"data": ("data_dir", "num_threads", "max_unreadable_fraction")}
 # Fields added after workdirs were written, with the value those workdirs were trained with.
 _LEGACY_VALUES = {"factorqvae": {"image_offset": 0.0, "residual_gain": None,
                                  "distance": "squared", "straight_through": False,
-                                 "qlae_codebook_init": "linspace"}}
+                                 "qlae_codebook_init": "linspace"},
+                  "model": {"input_pos_std": None}}
 
 
 def identity(config_json: dict) -> dict:
@@ -206,7 +207,9 @@ def identity(config_json: dict) -> dict:
   out = {}
   for s in IDENTITY_SECTIONS:
     v = config_json.get(s, "pivq" if s == "family" else {})  # older workdirs: PI-VQ
-    if isinstance(v, dict) and s in _LEGACY_VALUES and config_json.get("family") == s:
+    # FactorQVAE's legacy values only apply to FactorQVAE workdirs.
+    if isinstance(v, dict) and s in _LEGACY_VALUES and (
+        s != "factorqvae" or config_json.get("family") == s):
       v = {**_LEGACY_VALUES[s], **v}
     out[s] = ({k: x for k, x in v.items() if k not in _NOT_IDENTITY.get(s, ())}
               if isinstance(v, dict) else {"": v})

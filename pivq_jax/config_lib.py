@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.ut_unused_skip = False  # UT quirk: unused 1x1 skip params (count parity only)
   c.model.norm_groups = 32  # UT's GroupNorm(32); narrow CPU trunks may want fewer
   c.model.embed_std = 0.02  # init std of positional/query/output embeddings (choice)
+  c.model.input_pos_std = config_dict.placeholder(float)  # encoder positions; None: embed_std
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16; params stay float32
 
   c.quantizer = ml_collections.ConfigDict()
@@ -303,6 +304,7 @@ RANGES = (
     ("model.tfm_mlp_dim", 1, None, True, True),
     ("model.norm_groups", 1, None, True, True),
     ("model.embed_std", 0, None, False, True),
+    ("model.input_pos_std", 0, None, False, True),
     ("quantizer.num_codes", 1, None, True, True),
     ("quantizer.beta", 0, None, True, True),
     ("quantizer.validate_every", 0, None, True, True),

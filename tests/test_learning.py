@@ -1,7 +1,7 @@
 """A regression test for learning itself: a short seeded faces run must get its loss down.
 
 No timing: the bounds are on the loss and on held-out PSNR after a fixed number of steps,
-set with a margin below what this run reaches (measured values in the comments).
+set with a margin from what this run reaches (measured values in the comment).
 """
 
 from conftest import tiny_config
@@ -19,8 +19,10 @@ def test_short_faces_run_learns(tmp_path):
                 batch_size=16)
   c.update(log_every=25, eval_every=150, checkpoint_every=150)
   results = runner.run(c, str(tmp_path))
-  # Measured at this seed: train l1 0.25 at step 1, L1_MEASURED at 150; held-out EMA PSNR
-  # PSNR_MEASURED dB (a mean colour gets ~12 dB).
-  assert results["train/l1"] < L1_BOUND
-  assert results["eval/ema/psnr"] > PSNR_BOUND
+  # Measured at this seed: train l1 0.199 over steps 126-150 and held-out EMA PSNR 11.46
+  # (the faces model first sits ~200 steps near the mean image: docs/faces_study.md;
+  # the 64 px default averages l1 0.26 over its first 50 steps). A step that stopped
+  # learning (a lost gradient, a wrong stop-gradient) stays above the bound.
+  assert results["train/l1"] < 0.22
+  assert results["eval/ema/psnr"] > 11.0
   assert results["eval/ema/distinct_codes_max"] == c.model.num_latents  # matching held
