@@ -65,7 +65,11 @@ def _pid_alive(pid: int) -> bool:
     return False
   except PermissionError:  # someone else's live process
     return True
-  return True
+  try:  # a killed process its parent has not reaped yet is a zombie: dead for us
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+  except OSError:
+    return True
 
 
 @contextlib.contextmanager

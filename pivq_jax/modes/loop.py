@@ -85,7 +85,6 @@ class Loop:
   def after_step(self, step: int, state, metrics) -> bool:
     """Call once `step` updates are done; True when the loop must stop (preempted)."""
     c, exp = self.config, self.exp
-    exp.mngr.check_for_errors()  # a failed async save stops the run now, with its cause
     last = step == c.num_train_steps
     self.pending.append(metrics)
     self.report(step)
@@ -94,6 +93,9 @@ class Loop:
     preempted = exp.preemption.reached(exp.mngr, step)
     save = step % c.checkpoint_every == 0 or last or preempted
     if log or evaluate or save:
+      # A failed async save stops the run here, at the next step that syncs anyway, with
+      # its cause (orbax re-raises it), before more work is done on top of it.
+      exp.mngr.check_for_errors()
       # Every step's on-device finite flag is read before its state is logged, evaluated or
       # saved: a diverged state is never checkpointed, and the steps between cost no sync.
       self._check_finite(step)
