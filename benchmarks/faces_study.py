@@ -259,20 +259,25 @@ def plot(path: str, png: str) -> None:
   import matplotlib.pyplot as plt
   results = _done(path)
   costs = json.load(open(_costs_path(path))) if os.path.exists(_costs_path(path)) else {}
-  fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-  for name, r in results.items():
+  fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+  colors = plt.get_cmap("tab20").colors
+  for i, (name, r) in enumerate(results.items()):
     steps = [p["step"] for p in r["curve"]]
     secs = [p["step"] * costs.get(name, float("nan")) for p in r["curve"]]
     psnr = [p["eval/ema/psnr"] for p in r["curve"]]
-    style = "--" if name == "convae" else "-"
-    axes[0].plot(steps, psnr, style, label=name)
-    axes[1].plot(secs, psnr, style, label=name)
+    kw = dict(label=name, color=colors[i % len(colors)], lw=1.2)
+    if name == "base":
+      kw.update(color="black", lw=2.5)
+    elif name == "convae":
+      kw.update(color="black", lw=2.5, ls="--")
+    axes[0].plot(steps, psnr, marker="o", ms=3, **kw)
+    axes[1].plot(secs, psnr, marker="o", ms=3, **kw)
   axes[0].set_xlabel("step")
   axes[1].set_xlabel("train seconds on 2 CPU cores (step x measured step cost)")
   for ax in axes:
     ax.set_ylabel("held-out EMA PSNR (dB)")
     ax.grid(alpha=0.3)
-  axes[1].legend(fontsize=7, loc="lower right")
+  axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(png, dpi=110)
 
