@@ -34,7 +34,7 @@ class PIVQAutoencoder(nn.Module):
     ut_unused_skip: build UT's unused 1x1 skip convs (parameter-count parity only).
     norm_groups: GroupNorm groups in the trunk (UT: 32).
     embed_std: init scale of the positional, query and output embeddings (choice).
-    input_pos_std: init scale of the encoder's input positions alone; None = embed_std.
+    input_pos_std: init scale of the encoder's input positions alone; 0 = embed_std.
       They are added to conv features of unit scale, so at 0.02 the encoder starts
       nearly blind to where a feature is (choice; see docs/faces_study.md).
     dtype: compute dtype; parameters stay float32.
@@ -52,7 +52,7 @@ class PIVQAutoencoder(nn.Module):
   quantizer: vq.VectorQuantizer
   ut_unused_skip: bool = False
   embed_std: float = 0.02
-  input_pos_std: float | None = None
+  input_pos_std: float = 0.0
   norm_groups: int = 32
   dtype: Any = jnp.float32
 
@@ -69,7 +69,7 @@ class PIVQAutoencoder(nn.Module):
     n_tokens = self.grid * self.grid
     _embed_init = nn.initializers.normal(stddev=self.embed_std)
     self.encoder_trunk = trunk.Encoder(out_ch=self.emb_dim, **trunk_kw)
-    pos_std = self.embed_std if self.input_pos_std is None else self.input_pos_std
+    pos_std = self.input_pos_std or self.embed_std
     self.input_positions = self.param("input_positions",
                                       nn.initializers.normal(stddev=pos_std),
                                       (n_tokens, self.emb_dim))

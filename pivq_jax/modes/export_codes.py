@@ -51,8 +51,8 @@ def _export(config, workdir: str, mesh, out_dir: str) -> dict:
   raw = source.unfiltered if isinstance(source, pipeline.SkipInvalid) else source
   config_json = json.loads(config.to_json_best_effort())
   identity = checkpoints.identity(config_json)
-  spec = {"checkpoint_step": step, "model_sha256": hashlib.sha256(
-      json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+  model_sha256 = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+  spec = {"checkpoint_step": step, "model_sha256": model_sha256,
           "params_sha256": params_fingerprint(state.ema_params)}
   manifest = export.write(
       encode, raw, out_dir, split=e.split, shard_size=e.shard_size, batch_size=e.batch_size,
