@@ -15,10 +15,10 @@ import time
 from absl import logging
 from etils import epath
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from pivq_jax import config_lib
+from pivq_jax import train_state
 
 
 class WorkdirError(ValueError):
@@ -182,10 +182,8 @@ class CheckpointError(ValueError):
 
 
 def _finite(tree) -> bool:
-  """On device: works for arrays sharded over hosts too."""
-  leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-  return bool(jax.jit(lambda ls: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
-                                                     for x in ls])))(leaves))
+  """On device (arrays sharded over hosts too), with the train step's own check."""
+  return bool(jax.jit(train_state.all_finite)(tree))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
