@@ -95,3 +95,47 @@ def trained_copy(trained_tiny, tmp_path):
 @pytest.fixture
 def tiny():
   return tiny_config()
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """Serves gs://... from tmp_path/gcs/... for etils.epath and for TensorFlow's TFRecord
+  reader, writer and rename, so code handed gs:// paths runs here without a network.
+  Yields the local folder that stands for "gs://"."""
+  from etils.epath import testing as epath_testing  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  root = tmp_path / "gcs"
+  root.mkdir()
+  # epath routes gs:// to TensorFlow's GCS client when TF is installed; this keeps it on
+  # the backend that mock_epath replaces.
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+
+  def local(p):
+    s = os.fspath(p)
+    return os.path.join(root, s[len("gs://"):]) if s.startswith("gs://") else s
+
+  def remote(p):
+    s = os.fspath(p)
+    return "gs:/" + s[len(str(root)):] if s.startswith(str(root)) else s
+
+  one = lambda fn, p, *a, **k: fn(local(p), *a, **k)  # noqa: E731
+  two = lambda fn, p, dst, *a, **k: fn(local(p), local(dst), *a, **k)  # noqa: E731
+
+  def glob(fn, pattern):
+    return [remote(p) for p in fn(local(pattern))]
+
+  def walk(fn, top, **kwargs):
+    for d, dirs, files in fn(local(top), **kwargs):
+      yield remote(d), dirs, files
+
+  mocks = {name: one for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "open",
+                                  "remove", "rmtree", "stat")}
+  writer, rename, dataset = tf.io.TFRecordWriter, tf.io.gfile.rename, tf.data.TFRecordDataset
+  monkeypatch.setattr(tf.io, "TFRecordWriter", lambda p, *a, **k: writer(local(p), *a, **k))
+  monkeypatch.setattr(tf.io.gfile, "rename", lambda p, dst, *a, **k: rename(
+      local(p), local(dst), *a, **k))
+  monkeypatch.setattr(tf.data, "TFRecordDataset", lambda p, *a, **k: dataset(
+      [local(x) for x in p] if isinstance(p, (list, tuple)) else local(p), *a, **k))
+  with epath_testing.mock_epath(copy=two, rename=two, replace=two, glob=glob, walk=walk,
+                                **mocks):
+    yield root

@@ -173,10 +173,10 @@ def test_reader_unpickles_only_modules_and_tensors():
 
 def test_reader_and_loader_agree_on_the_cache(tmp_path, monkeypatch):
   monkeypatch.setenv("PIVQ_JAX_CACHE", str(tmp_path))
-  assert inception.default_weights_path() == reader.default_cache_dir() / reader.NPZ
-  assert inception.default_weights_path().parent == tmp_path / "fid_inception"
+  assert str(inception.default_weights_path()) == str(reader.default_cache_dir() / reader.NPZ)
+  assert str(inception.default_weights_path().parent) == str(tmp_path / "fid_inception")
   monkeypatch.delenv("PIVQ_JAX_CACHE")
-  assert inception.default_weights_path() == reader.default_cache_dir() / reader.NPZ
+  assert str(inception.default_weights_path()) == str(reader.default_cache_dir() / reader.NPZ)
 
 
 def test_loader_errors(tmp_path, monkeypatch):

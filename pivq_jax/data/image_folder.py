@@ -46,12 +46,14 @@ all there).
 from __future__ import annotations
 
 import hashlib
+import io
 import operator
 import os
 from collections.abc import Sequence
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 from grain.sources import RandomAccessDataSource as _GrainSource
@@ -119,15 +121,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
   return image.convert("RGB")
 
 
+def _is_remote(path: str) -> bool:
+  return "://" in path
+
+
 def _decode(path: str, resolution: int) -> np.ndarray:
-  with Image.open(path, formats=_PIL_FORMATS) as image:
+  # Read through etils.epath, so a gs:// folder (a TPU pod's bucket) reads like a local one.
+  data = io.BytesIO(epath.Path(path).read_bytes())
+  with Image.open(data, formats=_PIL_FORMATS) as image:
     image.load()  # Decodes now, so truncated data raises here.
     return center_crop_resize(to_rgb(image), resolution)
 
 
 def load_image(path: str, resolution: int) -> np.ndarray:
   """One image file -> uint8[R, R, 3], as the folder source prepares it; clear errors."""
-  if not os.path.isfile(path):
+  if not epath.Path(path).is_file():
     raise FileNotFoundError(f"Image file {path} does not exist; give an existing PNG/JPEG "
                             "path or a dataset index.")
   try:
@@ -150,8 +158,13 @@ def list_images(root: str) -> list[str]:
   """
   found = []
   seen = set()
-  for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-    real = os.path.realpath(dirpath)
+  if _is_remote(root):  # object stores (gs://...) have no links: epath lists them
+    root = root.rstrip("/")
+    walk = ((str(d), dirs, files) for d, dirs, files in epath.Path(root).walk())
+  else:
+    walk = os.walk(root, followlinks=True)
+  for dirpath, dirnames, filenames in walk:
+    real = dirpath if _is_remote(root) else os.path.realpath(dirpath)
     if real in seen:
       dirnames[:] = []
       continue
@@ -159,8 +172,11 @@ def list_images(root: str) -> list[str]:
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     for name in filenames:
       if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
-        rel = os.path.relpath(os.path.join(dirpath, name), root)
-        found.append(rel.replace(os.sep, "/"))
+        if _is_remote(root):
+          rel = f"{dirpath[len(root):].strip('/')}/{name}".lstrip("/")
+        else:
+          rel = os.path.relpath(os.path.join(dirpath, name), root).replace(os.sep, "/")
+        found.append(rel)
   return sorted(found)
 
 
@@ -185,11 +201,12 @@ class ImageFolderSource(_GrainSource):
     if not 0.0 <= test_fraction < 1.0:
       raise ValueError(f"test_fraction must be in [0, 1) but got {test_fraction!r}; use e.g. "
                        "0.1 to hold out 10% of the images.")
-    root = os.path.expanduser(os.fspath(root))
-    if not os.path.exists(root):
+    root = os.fspath(root)
+    root = root if _is_remote(root) else os.path.expanduser(root)
+    if not epath.Path(root).exists():
       raise FileNotFoundError(f"Image folder {root} does not exist; point "
                               "--config.data.data_dir at a folder of PNG/JPEG images.")
-    if not os.path.isdir(root):
+    if not epath.Path(root).is_dir():
       raise FileNotFoundError(f"Image folder {root} is a file, not a folder; point "
                               "--config.data.data_dir at a folder of PNG/JPEG images.")
     all_paths = list_images(root)

@@ -293,10 +293,11 @@ def features(params: Params, images: jax.Array, *, precision: Precision = "highe
 # Weights
 
 
-def default_weights_path() -> pathlib.Path:
-  """`$PIVQ_JAX_CACHE/fid_inception/<WEIGHTS_FILE>`, by default under ~/.cache/pivq_jax."""
+def default_weights_path() -> epath.Path:
+  """`$PIVQ_JAX_CACHE/fid_inception/<WEIGHTS_FILE>`, by default under ~/.cache/pivq_jax.
+  The cache may be a gs:// bucket (etils.epath), e.g. one shared by a TPU pod's workers."""
   root = os.environ.get(CACHE_ENV) or pathlib.Path.home() / ".cache" / "pivq_jax"
-  return pathlib.Path(root) / "fid_inception" / WEIGHTS_FILE
+  return epath.Path(root) / "fid_inception" / WEIGHTS_FILE
 
 
 def expected_shapes() -> Params:
