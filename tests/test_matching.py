@@ -10,6 +10,7 @@ import pytest
 import scipy.optimize
 
 from pivq_jax.quantizers import matching
+from pivq_jax.quantizers import matching_host
 
 
 def _optimum(cost):
@@ -17,8 +18,9 @@ def _optimum(cost):
   return cost.astype(np.float64)[rows, cols].sum()
 
 
-def _check(cost, codes, *, optimal=True, num_codes=None):
-  """Every row one-to-one; with `optimal`, its total equals scipy's optimum."""
+def _check(cost, codes, *, optimal=True, num_codes=None, exact=False):
+  """Every row one-to-one; with `optimal`, its total equals scipy's optimum (within the
+  auction's guaranteed bound; with `exact`, within float64 rounding)."""
   cost, codes = np.asarray(cost), np.asarray(codes)
   b, l, k = cost.shape
   k = num_codes or k
@@ -29,8 +31,8 @@ def _check(cost, codes, *, optimal=True, num_codes=None):
     if optimal:
       total = c.astype(np.float64)[np.arange(l), row].sum()
       # Guaranteed bound: L * 2^-22 * spread <= L * 2^-22 * max cost (module docstring).
-      tol = l * 2.0 ** -21 * float(np.abs(c).max()) + 1e-30
-      assert total - _optimum(c) <= tol, (total, _optimum(c))
+      bound = (l * 1e-12 if exact else l * 2.0 ** -21) * float(np.abs(c).max())
+      assert total - _optimum(c) <= bound + 1e-30, (total, _optimum(c))
 
 
 def _euclidean(z, codebook):
@@ -162,6 +164,61 @@ def test_sinkhorn_is_one_to_one():
   cost = np.concatenate([collapsed, rng.random((1, 16, 64)).astype(np.float32),
                          rng.integers(0, 2, (1, 16, 64)).astype(np.float32)])
   _check(cost, matching.assign(jnp.asarray(cost), solver="sinkhorn"), optimal=False)
+
+
+_HOST = ("dense", "union", "sparse", "auto")
+
+
+def _check_host(cost, method, **kw):
+  codes = matching_host.solve(cost, method=method, **kw)
+  _check(cost, codes, exact=True)
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(_instances(), st.sampled_from(_HOST))
+def test_host_solvers_are_exact(cost, method):
+  _check_host(cost, method)
+
+
+@pytest.mark.parametrize("method", _HOST)
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_host_solvers_scales_ties_collapse(method, scale):
+  rng = np.random.default_rng(5)
+  cb = rng.normal(size=(200, 4)).astype(np.float32)
+  collapsed = _euclidean(cb[np.zeros((2, 40), int)] + 1e-3 * rng.normal(size=(2, 40, 4)), cb)
+  few = _euclidean(cb[rng.integers(0, 3, (2, 40))] + 1e-3 * rng.normal(size=(2, 40, 4)), cb)
+  tied = rng.integers(0, 3, (2, 40, 200)).astype(np.float32)
+  square = rng.random((2, 40, 40)).astype(np.float32)
+  for cost in (collapsed, few, tied, square, np.ones((1, 40, 200), np.float32)):
+    _check_host((cost * scale).astype(np.float32), method)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_host_threads_and_non_finite_rows(threads, monkeypatch):
+  monkeypatch.setattr(matching_host, "MIN_PARALLEL_ENTRIES", 0)
+  rng = np.random.default_rng(6)
+  cost = rng.random((5, 16, 80)).astype(np.float32)
+  cost[2, 3, 4] = np.nan
+  codes = matching_host.solve(cost, threads=threads)
+  assert np.all(codes[2] == -1)
+  keep = [0, 1, 3, 4]
+  _check(cost[keep], codes[keep], exact=True)
+  # The jitted "hungarian" path with check_finite=False gives the same -1 row.
+  out = jax.jit(lambda c: matching.assign(c, solver="hungarian", check_finite=False))(
+      jnp.asarray(cost))
+  assert np.all(np.asarray(out)[2] == -1)
+
+
+def test_host_choice_follows_collapse():
+  rng = np.random.default_rng(7)
+  cb = rng.normal(size=(2048, 16)).astype(np.float32)
+  spread = _euclidean(rng.normal(size=(1, 256, 16)), cb)[0]
+  one = _euclidean(cb[np.zeros((1, 256), int)] + 1e-3 * rng.normal(size=(1, 256, 16)), cb)[0]
+  eight = _euclidean(cb[rng.integers(0, 8, (1, 256))] + 1e-2 * rng.normal(size=(1, 256, 16)),
+                     cb)[0]
+  assert matching_host.choose(spread)[0] == "dense"
+  assert matching_host.choose(one)[0] == "union"
+  assert matching_host.choose(eight)[0] == "sparse"
 
 
 def test_rejects_bad_arguments():

@@ -7,8 +7,9 @@ Solvers (`assign(cost, solver=...)`):
   - "auction" (default): on device, pure JAX; an eps-scaling forward/reverse auction for
     the asymmetric problem (Bertsekas 1988; Bertsekas & Castanon 1993). Batched ops and
     `lax.while_loop` only, so it runs under jit, vmap and batch sharding.
-  - "hungarian": exact, scipy's `linear_sum_assignment` on the host via
-    `jax.pure_callback`; usable under jit and vmap. The ground truth.
+  - "hungarian": exact, on the host via `jax.pure_callback` (usable under jit and vmap):
+    scipy's dense or sparse Jonker-Volgenant per image, picked by size and collapse, the
+    images in parallel threads (`matching_host`). The ground truth.
   - "sinkhorn": the peer baseline, ott-jax entropic OT + greedy one-to-one repair. Valid
     (one-to-one) but not optimal.
 
@@ -87,8 +88,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
+from pivq_jax.quantizers import matching_host
 from pivq_jax.quantizers import sinkhorn
 from pivq_jax.quantizers.ops import max_first as _max_first
 
@@ -117,13 +118,8 @@ def _hungarian_host(cost: np.ndarray, check_finite: bool = True) -> np.ndarray:
   if check_finite and not np.all(np.isfinite(cost)):
     raise ValueError(_NONFINITE_MSG)
   *lead, l, k = cost.shape
-  flat = cost.reshape(-1, l, k)
-  out = np.full((flat.shape[0], l), -1, np.int32)  # -1: an image with non-finite costs
-  for i, c in enumerate(flat):
-    if np.all(np.isfinite(c)):
-      rows, cols = scipy.optimize.linear_sum_assignment(c)
-      out[i, rows] = cols
-  return out.reshape(*lead, l)
+  # -1 rows: images with non-finite costs.
+  return matching_host.solve(cost.reshape(-1, l, k)).reshape(*lead, l)
 
 
 def _hungarian(cost, check_finite: bool = True):
