@@ -159,7 +159,8 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
   cand: int32[L, C] code ids, a: float32[L, C] benefits in [-1, 0]. init_codes int32[L]
   (-1: none) and init_price float32[K] warm-start it (any prices and any one-to-one
   partial assignment are a valid start: latents violating eps-CS are evicted first).
-  Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32, price).
+  Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32 (forward
+  + reverse), reverse rounds int32, price).
   ok is False when max_rounds ran out or a price passed price_cap (then slot may hold
   -1s; the caller retries with longer lists).
   """
@@ -251,7 +252,7 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     return (rounds < max_rounds) & (top_price <= price_cap)
 
   def phase(carry, eps):
-    price, owner, slot, rounds, top_price = carry
+    price, owner, slot, rounds, top_price, rev = carry
     # Latents violating the new (smaller) eps-CS give their codes up; the others keep them.
     prof = a - price[cand]
     evict = (slot >= 0) & (_at(prof, slot) < jnp.max(prof, axis=1) - eps)
@@ -276,21 +277,24 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
       price, owner, slot = reverse_round(*s[:3], eps, lam, s[4])
       return (price, owner, slot, s[3] + 1, *violators(price, owner, lam))
 
+    rounds_fwd = rounds
     price, owner, slot, rounds, _, _ = jax.lax.while_loop(
         rev_cond, rev_body, (price, owner, slot, rounds, *violators(price, owner, lam)))
+    rev = rev + rounds - rounds_fwd
     # Shift prices so lambda = 0 (keeps them ~1 for float32 resolution); unheld codes go
     # up to lambda, which never breaks eps-CS.
     price = jnp.maximum(price - jnp.where(jnp.isfinite(lam), lam, 0.0), 0.0)
-    return (price, owner, slot, rounds, jnp.max(price)), None
+    return (price, owner, slot, rounds, jnp.max(price), rev), None
 
   slot = jnp.where(init_codes >= 0, inv[person, jnp.clip(init_codes, 0, k - 1)], -1)
   slot = slot.astype(jnp.int32)
   owner = jnp.full((k,), -1, jnp.int32).at[held(slot)].set(person, mode="drop")
-  init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price))
-  (price, owner, slot, rounds, top_price), _ = jax.lax.scan(phase, init,
-                                                            jnp.asarray(_phases()))
+  init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price),
+          jnp.int32(0))
+  (price, owner, slot, rounds, top_price, rev), _ = jax.lax.scan(phase, init,
+                                                                 jnp.asarray(_phases()))
   ok = jnp.all(slot >= 0) & running(top_price, rounds)
-  return slot, ok, rounds, price
+  return slot, ok, rounds, rev, price
 
 
 def _fill_unassigned(codes, num_codes):
@@ -322,7 +326,7 @@ def _level(cost, init, *, c, final, max_rounds):
   init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
 
   def run(_):
-    slot, ok, rounds, price = solve(cand, a, init_codes, init_price)
+    slot, ok, rounds, rev, price = solve(cand, a, init_codes, init_price)
     converged = ok
     # Certificate over all K codes: eps-CS against every code at the final prices (codes
     # outside the lists sit at price 0 = lambda). It makes the pruned solution
@@ -334,7 +338,7 @@ def _level(cost, init, *, c, final, max_rounds):
       ok = ok & jnp.all(own >= jnp.max(prof, axis=2) - 2 * EPS_FINAL, axis=1)
     return {"codes": jnp.where(slot >= 0, _codes(cand, slot), -1), "ok": ok,
             "warm": converged, "price": price, "rounds": rounds, "scale": scale,
-            "level": jnp.full((bsz,), c, jnp.int32)}
+            "level": jnp.full((bsz,), c, jnp.int32), "rev": rev}
 
   if final:
     return run(None)
@@ -345,7 +349,7 @@ def _level(cost, init, *, c, final, max_rounds):
   skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
              "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
              "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
-             "level": jnp.full((bsz,), c, jnp.int32)}
+             "level": jnp.full((bsz,), c, jnp.int32), "rev": jnp.zeros((bsz,), jnp.int32)}
   return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
 
 
@@ -374,18 +378,26 @@ def auction_solve(cost, *, max_rounds=None):
   res = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
          "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
          "rounds": jnp.zeros((bsz,), jnp.int32), "scale": jnp.ones((bsz,), jnp.float32),
-         "level": jnp.zeros((bsz,), jnp.int32)}
+         "level": jnp.zeros((bsz,), jnp.int32), "rev": jnp.zeros((bsz,), jnp.int32)}
+  iters, rev = [], []
   for i, c in enumerate(levels):
     final = c == final_c
     level = functools.partial(_level, cost, c=c, final=final,
                               max_rounds=max_rounds if final else 20 * l + 4000)
-    res = level(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), lambda r: r, level,
-                                                 res)
+    # Counted per level, also when the level fails and is abandoned.
+    run = lambda r: (lambda out: (out, out["rounds"], out["rev"]))(level(r))
+    skip = lambda r: (r, jnp.zeros_like(r["rounds"]), jnp.zeros_like(r["rev"]))
+    res, it, rv = run(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), skip, run, res)
+    iters.append(it)
+    rev.append(rv)
   converged = res["ok"] & finite
   codes = jax.vmap(functools.partial(_fill_unassigned, num_codes=k))(res["codes"])
   codes = jnp.where(finite[:, None], codes, -1).astype(jnp.int32)
   info = {"rounds": res["rounds"], "level": res["level"], "converged": converged,
-          "gap_bound": 2 * l * EPS_FINAL * res["scale"]}
+          "gap_bound": 2 * l * EPS_FINAL * res["scale"],
+          "iters_per_level": jnp.stack(iters, axis=1),
+          "reverse_per_level": jnp.stack(rev, axis=1),
+          "iters": sum(iters), "list_lengths": jnp.asarray(levels, jnp.int32)}
   return codes, info
 
 
