@@ -13,19 +13,20 @@ Solvers (`assign(cost, solver=...)`):
   - "sinkhorn": the peer baseline, ott-jax entropic OT + greedy one-to-one repair. Valid
     (one-to-one) but not optimal.
 
-Auction (per image; the images of a batch run in lock step)
-------------------------------------------------------------
+Auction (per image; vmapped, so each loop runs until the batch's slowest image is done)
+--------------------------------------------------------------------------------------
 Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
 1. Pruning. Some optimal assignment puts every latent on one of its own L nearest codes: a
    latent sitting elsewhere has one of its L nearest free (only L-1 other latents exist)
    and moving there does not raise the cost. So latent i only bids among its C nearest
    codes, C = L being always safe. Cheaper lists are tried first (C in LADDER, e.g. 32):
-   their result is accepted only with a certificate, eps-complementary slackness checked
-   against all K codes at the final prices, which makes it eps-optimal for the full
-   problem; otherwise (or when a cheap precheck or a price blow-up shows the short lists
-   cannot hold a one-to-one matching) the next size is tried, ending at C = L, warm-
-   started from the previous level's prices and assignment (images already certified then
-   need no rounds; any prices and eps-CS partial assignment are a valid auction start).
+   their result is accepted only with a certificate, the duality gap against all K codes
+   at the final prices (the summed eps-CS slack, see "Optimality bound"), which bounds its
+   excess for the full problem; otherwise (or when a cheap precheck or a price blow-up
+   shows the short lists cannot hold a one-to-one matching) the next size is tried, ending
+   at C = L, warm-started from the previous level's prices and assignment (any prices and
+   eps-CS partial assignment are a valid auction start). The cascade is per image: only
+   the images not yet certified run the next level, the others do no rounds.
    Each list is shifted so its best benefit is 0 (every assignment's total moves by the
    same amount) and the image's benefits are divided by S, the largest spread of a list,
    so benefits lie in [-1, 0] whatever the cost scale (1e-6 and 1e6 behave the same).
@@ -50,14 +51,17 @@ Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
 4. eps-scaling: eps = EPS_START, /EPS_FACTOR per phase, down to EPS_FINAL. Assignments
    are kept between phases and only latents violating the new eps-CS give their codes up.
    This keeps identical latents (collapsed encoders) from refighting their price war from
-   scratch in every phase.
+   scratch in every phase. An image stops early once its measured duality gap (below) is
+   within L * EPS_FINAL.
 
 Optimality bound
 ----------------
 eps-CS plus the lambda condition make the assignment optimal within L * eps (Bertsekas'
-asymmetric assignment theorem; benefits here are in units of S). Float32 rounding of the
-profits (a few ulps of 1, below EPS_FINAL = 2^-22) at most doubles the slack, and the
-certificate for short lists accepts slack up to 2 * EPS_FINAL, so in cost units:
+asymmetric assignment theorem; benefits here are in units of S). Measured directly: with
+unheld prices at 0, dual (sum of best profits + sum of prices) minus primal (sum of
+assigned benefits) is the summed eps-CS slack, at most L * eps. Float32 rounding of the
+profits (a few ulps of 1, below EPS_FINAL = 2^-22) at most doubles it, and the
+certificate for short lists accepts a gap up to 2 * L * EPS_FINAL, so in cost units:
     total_cost(auction) - optimum <= 2 * L * EPS_FINAL * S = L * 2^-21 * S,
 S = the largest spread (C-th nearest minus nearest distance) of a latent's candidates,
 returned per image as info["gap_bound"] by `auction_solve`. That is 2^-21 * S per latent:
@@ -71,6 +75,11 @@ makes progress.
 Measured (one-off, collapsed 512 x 4096 instances on CPU): warm-starting prices from
 ott-jax Sinkhorn duals (eps 0.05..0.002) did not pay: rounds stayed within -25%..+75% of
 a cold start, and the Sinkhorn solve alone cost about as much as the whole auction.
+Neither did (iterations of the slowest image, B = 8, docs/benchmarks.md): BUFFER = L
+(random -28%, collapsed onto 1 +25%), REVERSE_BUFFER = 64 or 512 (random -48% with
+BUFFER = L; collapsed onto 1 unchanged: its reverse rounds walk chains, each take freeing
+one overpriced code for the next round), EPS_FACTOR 4 or 256, PRICE_CAP = 2; the early
+stop on the measured gap never fired before the last phase on these families.
 
 Non-finite costs
 ----------------
@@ -104,6 +113,8 @@ LADDER = (32, 128)
 BUFFER = 32  # unassigned latents bidding per forward round (at most)
 REVERSE_BUFFER = 8  # overpriced unheld codes handled per reverse round (at most)
 PRICE_CAP = 8.0  # a cheap level gives up when a price passes this (likely infeasible)
+GAP_STOP = True  # stop an image's eps-scaling once its measured duality gap is small
+PER_IMAGE = True  # the next list level runs only for the images the last one failed
 
 _NONFINITE_MSG = ("Matching cost contains NaN or Inf; the encoder output or codebook has "
                   "diverged (lower the learning rate or check the inputs).")
@@ -153,7 +164,8 @@ def _at(x, idx):
   return jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1)[:, None], axis=1)[:, 0]
 
 
-def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, price_cap):
+def _auction_one(cand, a, init_codes, init_price, active, *, num_codes, max_rounds,
+                 price_cap):
   """Forward/reverse eps-scaling auction on candidate lists (one image).
 
   cand: int32[L, C] code ids, a: float32[L, C] benefits in [-1, 0]. init_codes int32[L]
@@ -168,6 +180,7 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
   k = num_codes
   nb = min(l, BUFFER)
   nv = min(k, REVERSE_BUFFER)
+  tol = l * EPS_FINAL  # stop once the measured duality gap is this small
   person = jnp.arange(l, dtype=jnp.int32)
   # inv[i, code] = position of `code` in latent i's list, or -1: the column view the
   # reverse iterations need.
@@ -199,11 +212,13 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     # float32 progress.
     bid = jnp.maximum(p_old + jnp.minimum(v - second, 4.0) + eps,
                       jnp.nextafter(p_old, jnp.inf))
-    # Each code goes to its highest bidder (ties: first in the buffer).
-    r = jnp.arange(nb)
-    beats = (bid[None, :] > bid[:, None]) | ((bid[None, :] == bid[:, None]) &
-                                             (r[None, :] < r[:, None]))
-    won = valid & ~jnp.any((j[:, None] == j[None, :]) & beats & valid[None, :], axis=1)
+    # Each code goes to its highest bidder (ties: first in the buffer): two scatters over
+    # the codes, O(nb + K), instead of comparing all nb^2 pairs.
+    r = jnp.arange(nb, dtype=jnp.int32)
+    jv = jnp.where(valid, j, k)
+    top = jnp.full((k + 1,), -jnp.inf).at[jv].max(bid)
+    first = jnp.full((k + 1,), nb, jnp.int32).at[jnp.where(bid == top[jv], jv, k)].min(r)
+    won = valid & (first[jv] == r)
     code = jnp.where(won, j, k)
     displaced = jnp.where(won & (owner[j] >= 0), owner[j], l)  # (-1 would wrap around)
     slot = slot.at[displaced].set(-1, mode="drop")
@@ -233,11 +248,11 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     q = jnp.maximum(lam, omega - eps)
     gain = jnp.where(take, beta - q, -jnp.inf)
     # A latent offered several codes accepts the largest gain (ties: first offer).
-    r = jnp.arange(nv)
-    beats = (gain[None, :] > gain[:, None]) | ((gain[None, :] == gain[:, None]) &
-                                               (r[None, :] < r[:, None]))
-    accepted = take & ~jnp.any((bp[:, None] == bp[None, :]) & beats & take[None, :],
-                               axis=1)
+    r = jnp.arange(nv, dtype=jnp.int32)
+    bt = jnp.where(take, bp, l)
+    top = jnp.full((l + 1,), -jnp.inf).at[bt].max(gain)
+    first = jnp.full((l + 1,), nv, jnp.int32).at[jnp.where(gain == top[bt], bt, l)].min(r)
+    accepted = take & (first[bt] == r)
     mover = jnp.where(accepted, bp, l)
     owner = owner.at[jnp.where(accepted, held(slot)[jnp.minimum(bp, l - 1)], k)].set(
         -1, mode="drop")
@@ -249,18 +264,26 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     return price, owner, slot
 
   def running(top_price, rounds):
-    return (rounds < max_rounds) & (top_price <= price_cap)
+    return (rounds < max_rounds) & (top_price <= price_cap) & active
+
+  def gap_of(price, slot):
+    # Duality gap in units of S with unheld prices at 0 (after the lambda shift): dual =
+    # sum of best profits + sum of prices, primal = sum of assigned benefits, so the gap is
+    # the summed eps-CS slack of the latents.
+    prof = a - price[cand]
+    return jnp.sum(jnp.max(prof, axis=1) - _at(prof, slot))
 
   def phase(carry, eps):
-    price, owner, slot, rounds, top_price, rev = carry
+    price, owner, slot, rounds, top_price, rev, done = carry
     # Latents violating the new (smaller) eps-CS give their codes up; the others keep them.
+    # Once the measured gap is within tolerance the remaining phases do nothing.
     prof = a - price[cand]
-    evict = (slot >= 0) & (_at(prof, slot) < jnp.max(prof, axis=1) - eps)
+    evict = ~done & (slot >= 0) & (_at(prof, slot) < jnp.max(prof, axis=1) - eps)
     owner = owner.at[jnp.where(evict, held(slot), k)].set(-1, mode="drop")
     slot = jnp.where(evict, -1, slot)
 
     def fwd_cond(s):
-      return jnp.any(s[2] < 0) & running(s[4], s[3])
+      return jnp.any(s[2] < 0) & running(s[4], s[3]) & ~done
 
     def fwd_body(s):
       price, owner, slot, top = forward_round(*s[:3], eps)
@@ -271,7 +294,7 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     lam = lam_of(price, owner)
 
     def rev_cond(s):
-      return s[5] & jnp.all(s[2] >= 0) & running(top_price, s[3])
+      return s[5] & jnp.all(s[2] >= 0) & running(top_price, s[3]) & ~done
 
     def rev_body(s):
       price, owner, slot = reverse_round(*s[:3], eps, lam, s[4])
@@ -283,16 +306,18 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     rev = rev + rounds - rounds_fwd
     # Shift prices so lambda = 0 (keeps them ~1 for float32 resolution); unheld codes go
     # up to lambda, which never breaks eps-CS.
-    price = jnp.maximum(price - jnp.where(jnp.isfinite(lam), lam, 0.0), 0.0)
-    return (price, owner, slot, rounds, jnp.max(price), rev), None
+    price = jnp.where(done, price,
+                      jnp.maximum(price - jnp.where(jnp.isfinite(lam), lam, 0.0), 0.0))
+    done = done | (GAP_STOP & jnp.all(slot >= 0) & (gap_of(price, slot) <= tol))
+    return (price, owner, slot, rounds, jnp.max(price), rev, done), None
 
   slot = jnp.where(init_codes >= 0, inv[person, jnp.clip(init_codes, 0, k - 1)], -1)
   slot = slot.astype(jnp.int32)
   owner = jnp.full((k,), -1, jnp.int32).at[held(slot)].set(person, mode="drop")
   init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price),
-          jnp.int32(0))
-  (price, owner, slot, rounds, top_price, rev), _ = jax.lax.scan(phase, init,
-                                                                 jnp.asarray(_phases()))
+          jnp.int32(0), jnp.bool_(False))
+  (price, owner, slot, rounds, top_price, rev, _), _ = jax.lax.scan(phase, init,
+                                                                    jnp.asarray(_phases()))
   ok = jnp.all(slot >= 0) & running(top_price, rounds)
   return slot, ok, rounds, rev, price
 
@@ -308,49 +333,54 @@ def _fill_unassigned(codes, num_codes):
 
 
 def _level(cost, init, *, c, final, max_rounds):
-  """Auction with the top-c codes of every latent as candidates, warm-started from the
-  previous level's result `init` where that one converged. Returns a result dict."""
+  """Auction with the top-c codes of every latent as candidates, for the images `init`
+  has not certified yet (the others keep `init` and do no rounds), warm-started from
+  `init` where that level converged. Returns (result dict, rounds, reverse rounds)."""
   bsz, l, k = cost.shape
-  # The barrier keeps XLA from rewriting top_k into a full sort when fused with its users.
-  # One barrier per array: a barrier over the (values, indices) pair crashes XLA:CPU's
-  # compiler under shard_map on several devices (jax 0.10.2).
-  neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, c))
-  spread = neg[..., :1] - neg  # >= 0: each list shifted so its best costs 0
-  scale = jnp.max(spread, axis=(1, 2))
-  scale = jnp.where(scale > 0, scale, 1.0)
-  a = -spread / scale[:, None, None]
-  solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
-                                     price_cap=np.inf if final else PRICE_CAP))
-  warm = init["warm"][:, None]
-  init_codes = jnp.where(warm, init["codes"], -1)
-  init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
+  active = ~init["ok"] if PER_IMAGE else jnp.ones((bsz,), bool)
+  if not final:
+    # Cheap precheck against lists too short to hold a perfect matching: a group of
+    # latents sharing one nearest code (a collapsed cluster) has nearly the same lists, so
+    # an image skips this level when such a group outnumbers a list.
+    near = jnp.argmin(cost, axis=2)
+    top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], near].add(1)
+    fits = jnp.max(top1, axis=1) <= c
+    active = active & (fits if PER_IMAGE else jnp.all(fits))
 
   def run(_):
-    slot, ok, rounds, rev, price = solve(cand, a, init_codes, init_price)
+    # The barrier keeps XLA from rewriting top_k into a full sort when fused with its
+    # users. One barrier per array: a barrier over the (values, indices) pair crashes
+    # XLA:CPU's compiler under shard_map on several devices (jax 0.10.2).
+    neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, c))
+    spread = neg[..., :1] - neg  # >= 0: each list shifted so its best costs 0
+    scale = jnp.max(spread, axis=(1, 2))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    a = -spread / scale[:, None, None]
+    solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
+                                       price_cap=np.inf if final else PRICE_CAP))
+    warm = init["warm"][:, None]
+    init_codes = jnp.where(warm, init["codes"], -1)
+    init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
+    slot, ok, rounds, rev, price = solve(cand, a, init_codes, init_price, active)
     converged = ok
-    # Certificate over all K codes: eps-CS against every code at the final prices (codes
-    # outside the lists sit at price 0 = lambda). It makes the pruned solution
-    # eps-optimal for the full problem whatever c was; for c = L pruning is provably safe.
+    # Certificate over all K codes: the duality gap with every code's price (codes outside
+    # the lists sit at 0 = lambda), i.e. the summed eps-CS slack against all K codes. It
+    # bounds the pruned solution's excess for the full problem whatever c was; for c = L
+    # pruning is provably safe.
     if not final:
       prof = -(neg[..., :1] + cost) / scale[:, None, None] - price[:, None, :]
       own = (jnp.take_along_axis(a, jnp.maximum(slot, 0)[..., None], -1)[..., 0]
              - jnp.take_along_axis(price, _codes(cand, slot), axis=1))
-      ok = ok & jnp.all(own >= jnp.max(prof, axis=2) - 2 * EPS_FINAL, axis=1)
-    return {"codes": jnp.where(slot >= 0, _codes(cand, slot), -1), "ok": ok,
-            "warm": converged, "price": price, "rounds": rounds, "scale": scale,
-            "level": jnp.full((bsz,), c, jnp.int32), "rev": rev}
+      ok = ok & (jnp.sum(jnp.max(prof, axis=2) - own, axis=1) <= 2 * l * EPS_FINAL)
+    new = {"codes": jnp.where(slot >= 0, _codes(cand, slot), -1), "ok": ok,
+           "warm": converged, "price": price, "rounds": rounds, "scale": scale,
+           "level": jnp.full((bsz,), c, jnp.int32)}
+    pick = lambda x, y: jnp.where(active.reshape((bsz,) + (1,) * (x.ndim - 1)), x, y)
+    return (jax.tree.map(pick, new, init), jnp.where(active, rounds, 0),
+            jnp.where(active, rev, 0))
 
-  if final:
-    return run(None)
-  # Cheap precheck against lists too short to hold a perfect matching: a group of latents
-  # sharing one nearest code (a collapsed cluster) has nearly the same lists, so skip
-  # this level when such a group outnumbers a list.
-  top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], cand[..., 0]].add(1)
-  skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
-             "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
-             "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
-             "level": jnp.full((bsz,), c, jnp.int32), "rev": jnp.zeros((bsz,), jnp.int32)}
-  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
+  none = jnp.zeros((bsz,), jnp.int32)
+  return jax.lax.cond(jnp.any(active), run, lambda _: (init, none, none), None)
 
 
 def _codes(cand, slot):
@@ -361,8 +391,12 @@ def auction_solve(cost, *, max_rounds=None):
   """Auction (PI-VQ paper §3.4 matching) on cost float[B, L, K] -> (int32[B, L], info).
 
   Tries candidate lists of LADDER sizes (cheap, certified over all K codes, skipped or
-  abandoned when too short) and falls back to C = L lists, which pruning makes safe.
-  info: "rounds" (auction rounds of the accepted level), "level" (its list length),
+  abandoned when too short) and falls back to C = L lists, which pruning makes safe; each
+  image moves on alone. info: "rounds" (auction rounds of the accepted level), "level"
+  (its list length), "iters_per_level" int32[B, levels] and "reverse_per_level" (rounds,
+  and reverse rounds among them, each level ran per image, abandoned levels included;
+  "list_lengths" names the levels), "iters" (their total per image: the slowest image's
+  is the accelerator's cost proxy),
   "converged" (False only if max_rounds ran out: the leftover latents then got arbitrary
   free codes, still one-to-one), "gap_bound" (L * 2^-21 * S, the guaranteed bound on
   total cost - optimum in cost units; see the module docstring).
@@ -378,16 +412,11 @@ def auction_solve(cost, *, max_rounds=None):
   res = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
          "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
          "rounds": jnp.zeros((bsz,), jnp.int32), "scale": jnp.ones((bsz,), jnp.float32),
-         "level": jnp.zeros((bsz,), jnp.int32), "rev": jnp.zeros((bsz,), jnp.int32)}
-  iters, rev = [], []
-  for i, c in enumerate(levels):
-    final = c == final_c
-    level = functools.partial(_level, cost, c=c, final=final,
-                              max_rounds=max_rounds if final else 20 * l + 4000)
-    # Counted per level, also when the level fails and is abandoned.
-    run = lambda r: (lambda out: (out, out["rounds"], out["rev"]))(level(r))
-    skip = lambda r: (r, jnp.zeros_like(r["rounds"]), jnp.zeros_like(r["rev"]))
-    res, it, rv = run(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), skip, run, res)
+         "level": jnp.zeros((bsz,), jnp.int32)}
+  iters, rev = [], []  # per level, also when the level fails and is abandoned
+  for c in levels:
+    res, it, rv = _level(cost, res, c=c, final=c == final_c,
+                         max_rounds=max_rounds if c == final_c else 20 * l + 4000)
     iters.append(it)
     rev.append(rv)
   converged = res["ok"] & finite
