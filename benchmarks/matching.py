@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivq_jax.quantizers import auction
 from pivq_jax.quantizers import matching
 from pivq_jax.quantizers import matching_host
 from pivq_jax.quantizers import vq
@@ -130,7 +131,7 @@ def main(_):
                sorted(methods, key=lambda m: m != "scipy")}
     optimum = np.take_along_axis(np.asarray(cost, np.float64), results["scipy"][1][
         ..., None], axis=-1)[..., 0].sum(-1)
-    _, info = jax.tree.map(np.asarray, jax.jit(matching.auction_solve)(cost))
+    _, info = jax.tree.map(np.asarray, jax.jit(auction.auction_solve)(cost))
     for method in methods:
       seconds, codes, runs = results[method]
       valid, gap_mean, gap_max = evaluate(cost, codes, optimum)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 
+from pivq_jax.quantizers import auction
 from pivq_jax.quantizers import matching
 from pivq_jax.quantizers import matching_host
 
@@ -105,12 +106,12 @@ def test_collapsed_latents_64x512():
   cb = rng.normal(size=(512, 16)).astype(np.float32)
   z = cb[rng.integers(0, 3, (2, 64))] + 1e-3 * rng.normal(size=(2, 64, 16))
   cost = _euclidean(z, cb)
-  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(cost))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   _check(cost, codes)
   assert bool(np.all(info["converged"]))
   # All 64 latents on one code: 32-code lists cannot hold them, so C = L must be used.
   one = _euclidean(cb[np.zeros((1, 64), int)] + 1e-3 * rng.normal(size=(1, 64, 16)), cb)
-  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(one))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(one))
   _check(one, codes)
   assert int(info["level"][0]) == 64  # short lists were rejected, fell back to C = L
 
@@ -118,7 +119,7 @@ def test_collapsed_latents_64x512():
 def test_short_lists_are_used_when_certified():
   rng = np.random.default_rng(2)
   cost = _euclidean(rng.normal(size=(2, 64, 8)), rng.normal(size=(512, 8)))
-  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(cost))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   _check(cost, codes)
   assert int(info["level"][0]) == 32
   assert np.all(np.asarray(info["gap_bound"]) > 0)
@@ -132,7 +133,7 @@ def test_per_image_cascade_and_iteration_counts():
   easy = _euclidean(rng.normal(size=(1, 64, 8)), cb)
   one = _euclidean(cb[np.zeros((1, 64), int)] + 1e-3 * rng.normal(size=(1, 64, 8)), cb)
   cost = np.concatenate([easy, one])
-  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(cost))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   _check(cost, codes)
   info = jax.tree.map(np.asarray, info)
   assert info["list_lengths"].tolist() == [32, 64]
@@ -171,7 +172,7 @@ def test_non_finite_cost_raises(solver, bad):
 def test_auction_marks_non_finite_images():
   cost = np.random.default_rng(0).random((2, 3, 5)).astype(np.float32)
   cost[1, 0, 0] = np.nan
-  codes, info = jax.jit(matching.auction_solve)(jnp.asarray(cost))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   assert np.all(np.asarray(codes)[1] == -1)
   assert list(np.asarray(info["converged"])) == [True, False]
   _check(cost[:1], np.asarray(codes)[:1])

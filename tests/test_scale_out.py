@@ -36,6 +36,7 @@ print("RESULTS " + json.dumps(runner.run(c, sys.argv[2])), flush=True)
 """
 # One eval, at the end; no LPIPS (another conv net, for CI time); D and its BatchNorm stay.
 _OVERRIDES = {"batch_size": 8, "eval_every": 6, "checkpoint_every": 6,
+              "quantizer": {"solver": "hungarian"},
               "loss": {"lpips_weight": 0.0},
               "eval": {"batch_size": 8, "num_examples": 16, "feature_batch_size": 8,
                        "lpips_net": ""}}
@@ -44,8 +45,8 @@ _COMPARED = ("train/loss", "train/l1", "train/vq_loss", "train/g_loss",
 
 
 def _launch(workdir, mesh, devices, env=None, name="log"):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}), XLA_FLAGS=os.environ.get(
+      "XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}")
   overrides = dict(_OVERRIDES, mesh=mesh)
   # Output to files, not pipes: a process blocked on a full pipe would stall the other
   # process at jax.distributed's shutdown barrier.
