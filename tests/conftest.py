@@ -4,18 +4,24 @@ import importlib.util
 import os
 import tempfile
 
-# Tests compile far more than they run: LLVM's cheapest code generation takes about a third
-# less CPU over the suite (measured on test_objective + test_factorqvae_trainer: 574 -> 369
-# CPU s), for the same XLA graphs. Set before JAX starts its backend; subprocesses inherit
-# it (those that set XLA_FLAGS themselves add to os.environ["XLA_FLAGS"]).
-FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Subprocess runs (SIGKILL, SIGTERM, fake devices, two processes, plans) mostly compile and
+# run a few tiny steps, so they take LLVM's cheapest code generation (a third less CPU on
+# compile-bound tests). Not in-process: the learning test runs 150 real steps, and one
+# in-process bfloat16 compile crashed XLA:CPU under these flags (jax 0.10.2).
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
+  """The environment for a subprocess test: CPU JAX, fast XLA flags, `devices` fake CPU
+  devices, the session's compilation cache (inherited) and `extra`."""
+  flags = FAST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}"
+                            if devices else "")
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
 def pytest_collection_modifyitems(items):
@@ -124,9 +130,10 @@ def fake_gcs(tmp_path, monkeypatch):
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   root = tmp_path / "gcs"
   root.mkdir()
-  # epath routes gs:// to TensorFlow's GCS client when TF is installed; this keeps it on
-  # the backend that mock_epath replaces.
-  monkeypatch.setenv("EPATH_USE_TF", "false")
+  # epath routes gs:// to TensorFlow's GCS client when TF is installed (a cached check);
+  # this keeps it on the backend that mock_epath replaces.
+  from etils.epath import gpath  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
 
   def local(p):
     s = os.fspath(p)

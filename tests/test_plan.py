@@ -83,8 +83,8 @@ print("PLANS " + json.dumps(out))
 def test_paper_configs_plan_on_8_and_32_fake_devices(tmp_path):
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   from conftest import REPO  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
-             + " --xla_force_host_platform_device_count=32")
+  from conftest import subprocess_env  # pylint: disable=g-import-not-at-top
+  env = subprocess_env(devices=32)
   script = _PLAN_SCRIPT.format(tests=os.path.join(REPO, "tests"), names=("celeba64", "ffhq"))
   proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=900)

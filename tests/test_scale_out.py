@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
+from conftest import subprocess_env
 from conftest import tiny_config
 from pivq_jax import sharding
 from pivq_jax import runner
@@ -45,8 +46,7 @@ _COMPARED = ("train/loss", "train/l1", "train/vq_loss", "train/g_loss",
 
 
 def _launch(workdir, mesh, devices, env=None, name="log"):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}), XLA_FLAGS=os.environ.get(
-      "XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}")
+  env = subprocess_env(devices=devices, **(env or {}))
   overrides = dict(_OVERRIDES, mesh=mesh)
   # Output to files, not pipes: a process blocked on a full pipe would stall the other
   # process at jax.distributed's shutdown barrier.

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import REPO
 from conftest import fid_weights
+from conftest import subprocess_env
 from pivq_jax import config_lib
 from pivq_jax import runner
 from pivq_jax.evaluators import generative as generative_evaluator
@@ -166,7 +167,7 @@ def _main_cmd(workdir, *overrides):
 @pytest.mark.slow
 def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
   workdir = tmp_path / "run"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   proc = subprocess.Popen(
       _main_cmd(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=4"),
       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -197,7 +198,7 @@ def test_sigterm_saves_exits_and_resumes_exactly(tmp_path):
   """A real SIGTERM to a real training process: it saves the step it reached and exits 0;
   running the same command again continues exactly as an uninterrupted run."""
   workdir, straight = tmp_path / "run", tmp_path / "straight"
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env = subprocess_env()
   proc = subprocess.Popen(
       _main_cmd(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=1000",
                 "--config.log_every=1"),
@@ -242,6 +243,7 @@ def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
   tiny.quantizer.solver = solver
   tiny.quantizer.validate_every = 2
+  tiny.eval.evaluators = ("reconstruction",)  # the distinct-code counts come from it
   results = runner.run(tiny, str(tmp_path / "m"))
   # Every image uses exactly L distinct codes once quantization is on.
   assert results["eval/ema/distinct_codes_max"] == tiny.model.num_latents
