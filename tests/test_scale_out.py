@@ -37,7 +37,6 @@ print("RESULTS " + json.dumps(runner.run(c, sys.argv[2])), flush=True)
 """
 # One eval, at the end; no LPIPS (another conv net, for CI time); D and its BatchNorm stay.
 _OVERRIDES = {"batch_size": 8, "eval_every": 6, "checkpoint_every": 6,
-              "quantizer": {"solver": "hungarian"},
               "loss": {"lpips_weight": 0.0},
               "eval": {"batch_size": 8, "num_examples": 16, "feature_batch_size": 8,
                        "lpips_net": ""}}
