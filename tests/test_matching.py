@@ -125,26 +125,6 @@ def test_short_lists_are_used_when_certified():
   assert np.all(np.asarray(info["gap_bound"]) > 0)
 
 
-def test_per_image_cascade_and_iteration_counts():
-  # An easy image is certified on 32-code lists; a collapsed one in the same batch needs
-  # C = L, and only it runs that level.
-  rng = np.random.default_rng(8)
-  cb = rng.normal(size=(512, 8)).astype(np.float32)
-  easy = _euclidean(rng.normal(size=(1, 64, 8)), cb)
-  one = _euclidean(cb[np.zeros((1, 64), int)] + 1e-3 * rng.normal(size=(1, 64, 8)), cb)
-  cost = np.concatenate([easy, one])
-  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
-  _check(cost, codes)
-  info = jax.tree.map(np.asarray, info)
-  assert info["list_lengths"].tolist() == [32, 64]
-  assert info["level"].tolist() == [32, 64]
-  per_level = info["iters_per_level"]
-  assert per_level[0, 1] == 0 and per_level[0, 0] > 0  # certified: no rounds at C = L
-  assert per_level[1, 0] == 0 and per_level[1, 1] > 0  # skipped the short lists
-  assert np.all(info["iters"] == per_level.sum(1))
-  assert np.all(info["reverse_per_level"] <= per_level)
-
-
 def test_under_jit_and_vmap():
   rng = np.random.default_rng(3)
   cost = rng.integers(0, 4, (2, 3, 6, 9)).astype(np.float32)

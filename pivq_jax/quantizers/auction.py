@@ -3,20 +3,19 @@ auction for the asymmetric assignment problem (Bertsekas 1988; Bertsekas & Casta
 pure JAX (batched ops and `lax.while_loop`), so it runs under jit, vmap and batch sharding.
 `matching.assign(cost, solver="auction")` is the entry point.
 
-Auction (per image; vmapped, so each loop runs until the batch's slowest image is done)
---------------------------------------------------------------------------------------
+Auction (per image; the images of a batch run in lock step)
+------------------------------------------------------------
 Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
 1. Pruning. Some optimal assignment puts every latent on one of its own L nearest codes: a
    latent sitting elsewhere has one of its L nearest free (only L-1 other latents exist)
    and moving there does not raise the cost. So latent i only bids among its C nearest
    codes, C = L being always safe. Cheaper lists are tried first (C in LADDER, e.g. 32):
-   their result is accepted only with a certificate, the duality gap against all K codes
-   at the final prices (the summed eps-CS slack, see "Optimality bound"), which bounds its
-   excess for the full problem; otherwise (or when a cheap precheck or a price blow-up
-   shows the short lists cannot hold a one-to-one matching) the next size is tried, ending
-   at C = L, warm-started from the previous level's prices and assignment (any prices and
-   eps-CS partial assignment are a valid auction start). The cascade is per image: only
-   the images not yet certified run the next level, the others do no rounds.
+   their result is accepted only with a certificate, eps-complementary slackness checked
+   against all K codes at the final prices, which makes it eps-optimal for the full
+   problem; otherwise (or when a cheap precheck or a price blow-up shows the short lists
+   cannot hold a one-to-one matching) the next size is tried, ending at C = L, warm-
+   started from the previous level's prices and assignment (images already certified then
+   need no rounds; any prices and eps-CS partial assignment are a valid auction start).
    Each list is shifted so its best benefit is 0 (every assignment's total moves by the
    same amount) and the image's benefits are divided by S, the largest spread of a list,
    so benefits lie in [-1, 0] whatever the cost scale (1e-6 and 1e6 behave the same).
@@ -41,17 +40,14 @@ Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
 4. eps-scaling: eps = EPS_START, /EPS_FACTOR per phase, down to EPS_FINAL. Assignments
    are kept between phases and only latents violating the new eps-CS give their codes up.
    This keeps identical latents (collapsed encoders) from refighting their price war from
-   scratch in every phase. An image stops early once its measured duality gap (below) is
-   within L * EPS_FINAL.
+   scratch in every phase.
 
 Optimality bound
 ----------------
 eps-CS plus the lambda condition make the assignment optimal within L * eps (Bertsekas'
-asymmetric assignment theorem; benefits here are in units of S). Measured directly: with
-unheld prices at 0, dual (sum of best profits + sum of prices) minus primal (sum of
-assigned benefits) is the summed eps-CS slack, at most L * eps. Float32 rounding of the
-profits (a few ulps of 1, below EPS_FINAL = 2^-22) at most doubles it, and the
-certificate for short lists accepts a gap up to 2 * L * EPS_FINAL, so in cost units:
+asymmetric assignment theorem; benefits here are in units of S). Float32 rounding of the
+profits (a few ulps of 1, below EPS_FINAL = 2^-22) at most doubles the slack, and the
+certificate for short lists accepts slack up to 2 * EPS_FINAL, so in cost units:
     total_cost(auction) - optimum <= 2 * L * EPS_FINAL * S = L * 2^-21 * S,
 S = the largest spread (C-th nearest minus nearest distance) of a latent's candidates,
 returned per image as info["gap_bound"] by `auction_solve`. That is 2^-21 * S per latent:
@@ -62,8 +58,9 @@ EPS_FINAL cannot go much lower: prices live in float32 on a [0, ~1] scale where 
 is 2^-24..2^-23; every bid moves a price by at least one ulp (nextafter), so every round
 makes progress.
 
-What did not pay (Sinkhorn warm starts, bigger bid and reverse buffers, other eps
-factors, a lower price cap), measured: docs/benchmarks.md "Matching solvers".
+Measured (one-off, collapsed 512 x 4096 instances on CPU): warm-starting prices from
+ott-jax Sinkhorn duals (eps 0.05..0.002) did not pay: rounds stayed within -25%..+75% of
+a cold start, and the Sinkhorn solve alone cost about as much as the whole auction.
 
 Non-finite costs: the auction runs on sanitised costs (so it always terminates) and
 returns -1 for every latent of an image whose costs are not finite.
@@ -86,8 +83,6 @@ LADDER = (32, 128)
 BUFFER = 32  # unassigned latents bidding per forward round (at most)
 REVERSE_BUFFER = 8  # overpriced unheld codes handled per reverse round (at most)
 PRICE_CAP = 8.0  # a cheap level gives up when a price passes this (likely infeasible)
-GAP_STOP = True  # stop an image's eps-scaling once its measured duality gap is small
-PER_IMAGE = True  # the next list level runs only for the images the last one failed
 
 
 # ----------------------------------------------------------------------------------------
@@ -115,15 +110,13 @@ def _at(x, idx):
   return jnp.take_along_axis(x, jnp.clip(idx, 0, x.shape[1] - 1)[:, None], axis=1)[:, 0]
 
 
-def _auction_one(cand, a, init_codes, init_price, active, *, num_codes, max_rounds,
-                 price_cap):
+def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, price_cap):
   """Forward/reverse eps-scaling auction on candidate lists (one image).
 
   cand: int32[L, C] code ids, a: float32[L, C] benefits in [-1, 0]. init_codes int32[L]
   (-1: none) and init_price float32[K] warm-start it (any prices and any one-to-one
   partial assignment are a valid start: latents violating eps-CS are evicted first).
-  Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32 (forward
-  + reverse), reverse rounds int32, price).
+  Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32, price).
   ok is False when max_rounds ran out or a price passed price_cap (then slot may hold
   -1s; the caller retries with longer lists).
   """
@@ -131,7 +124,6 @@ def _auction_one(cand, a, init_codes, init_price, active, *, num_codes, max_roun
   k = num_codes
   nb = min(l, BUFFER)
   nv = min(k, REVERSE_BUFFER)
-  tol = l * EPS_FINAL  # stop once the measured duality gap is this small
   person = jnp.arange(l, dtype=jnp.int32)
   # inv[i, code] = position of `code` in latent i's list, or -1: the column view the
   # reverse iterations need.
@@ -163,13 +155,11 @@ def _auction_one(cand, a, init_codes, init_price, active, *, num_codes, max_roun
     # float32 progress.
     bid = jnp.maximum(p_old + jnp.minimum(v - second, 4.0) + eps,
                       jnp.nextafter(p_old, jnp.inf))
-    # Each code goes to its highest bidder (ties: first in the buffer): two scatters over
-    # the codes, O(nb + K), instead of comparing all nb^2 pairs.
-    r = jnp.arange(nb, dtype=jnp.int32)
-    jv = jnp.where(valid, j, k)
-    top = jnp.full((k + 1,), -jnp.inf).at[jv].max(bid)
-    first = jnp.full((k + 1,), nb, jnp.int32).at[jnp.where(bid == top[jv], jv, k)].min(r)
-    won = valid & (first[jv] == r)
+    # Each code goes to its highest bidder (ties: first in the buffer).
+    r = jnp.arange(nb)
+    beats = (bid[None, :] > bid[:, None]) | ((bid[None, :] == bid[:, None]) &
+                                             (r[None, :] < r[:, None]))
+    won = valid & ~jnp.any((j[:, None] == j[None, :]) & beats & valid[None, :], axis=1)
     code = jnp.where(won, j, k)
     displaced = jnp.where(won & (owner[j] >= 0), owner[j], l)  # (-1 would wrap around)
     slot = slot.at[displaced].set(-1, mode="drop")
@@ -199,11 +189,11 @@ def _auction_one(cand, a, init_codes, init_price, active, *, num_codes, max_roun
     q = jnp.maximum(lam, omega - eps)
     gain = jnp.where(take, beta - q, -jnp.inf)
     # A latent offered several codes accepts the largest gain (ties: first offer).
-    r = jnp.arange(nv, dtype=jnp.int32)
-    bt = jnp.where(take, bp, l)
-    top = jnp.full((l + 1,), -jnp.inf).at[bt].max(gain)
-    first = jnp.full((l + 1,), nv, jnp.int32).at[jnp.where(gain == top[bt], bt, l)].min(r)
-    accepted = take & (first[bt] == r)
+    r = jnp.arange(nv)
+    beats = (gain[None, :] > gain[:, None]) | ((gain[None, :] == gain[:, None]) &
+                                               (r[None, :] < r[:, None]))
+    accepted = take & ~jnp.any((bp[:, None] == bp[None, :]) & beats & take[None, :],
+                               axis=1)
     mover = jnp.where(accepted, bp, l)
     owner = owner.at[jnp.where(accepted, held(slot)[jnp.minimum(bp, l - 1)], k)].set(
         -1, mode="drop")
@@ -215,26 +205,18 @@ def _auction_one(cand, a, init_codes, init_price, active, *, num_codes, max_roun
     return price, owner, slot
 
   def running(top_price, rounds):
-    return (rounds < max_rounds) & (top_price <= price_cap) & active
-
-  def gap_of(price, slot):
-    # Duality gap in units of S with unheld prices at 0 (after the lambda shift): dual =
-    # sum of best profits + sum of prices, primal = sum of assigned benefits, so the gap is
-    # the summed eps-CS slack of the latents.
-    prof = a - price[cand]
-    return jnp.sum(jnp.max(prof, axis=1) - _at(prof, slot))
+    return (rounds < max_rounds) & (top_price <= price_cap)
 
   def phase(carry, eps):
-    price, owner, slot, rounds, top_price, rev, done = carry
+    price, owner, slot, rounds, top_price = carry
     # Latents violating the new (smaller) eps-CS give their codes up; the others keep them.
-    # Once the measured gap is within tolerance the remaining phases do nothing.
     prof = a - price[cand]
-    evict = ~done & (slot >= 0) & (_at(prof, slot) < jnp.max(prof, axis=1) - eps)
+    evict = (slot >= 0) & (_at(prof, slot) < jnp.max(prof, axis=1) - eps)
     owner = owner.at[jnp.where(evict, held(slot), k)].set(-1, mode="drop")
     slot = jnp.where(evict, -1, slot)
 
     def fwd_cond(s):
-      return jnp.any(s[2] < 0) & running(s[4], s[3]) & ~done
+      return jnp.any(s[2] < 0) & running(s[4], s[3])
 
     def fwd_body(s):
       price, owner, slot, top = forward_round(*s[:3], eps)
@@ -245,32 +227,27 @@ def _auction_one(cand, a, init_codes, init_price, active, *, num_codes, max_roun
     lam = lam_of(price, owner)
 
     def rev_cond(s):
-      return s[5] & jnp.all(s[2] >= 0) & running(top_price, s[3]) & ~done
+      return s[5] & jnp.all(s[2] >= 0) & running(top_price, s[3])
 
     def rev_body(s):
       price, owner, slot = reverse_round(*s[:3], eps, lam, s[4])
       return (price, owner, slot, s[3] + 1, *violators(price, owner, lam))
 
-    rounds_fwd = rounds
     price, owner, slot, rounds, _, _ = jax.lax.while_loop(
         rev_cond, rev_body, (price, owner, slot, rounds, *violators(price, owner, lam)))
-    rev = rev + rounds - rounds_fwd
     # Shift prices so lambda = 0 (keeps them ~1 for float32 resolution); unheld codes go
     # up to lambda, which never breaks eps-CS.
-    price = jnp.where(done, price,
-                      jnp.maximum(price - jnp.where(jnp.isfinite(lam), lam, 0.0), 0.0))
-    done = done | (GAP_STOP & jnp.all(slot >= 0) & (gap_of(price, slot) <= tol))
-    return (price, owner, slot, rounds, jnp.max(price), rev, done), None
+    price = jnp.maximum(price - jnp.where(jnp.isfinite(lam), lam, 0.0), 0.0)
+    return (price, owner, slot, rounds, jnp.max(price)), None
 
   slot = jnp.where(init_codes >= 0, inv[person, jnp.clip(init_codes, 0, k - 1)], -1)
   slot = slot.astype(jnp.int32)
   owner = jnp.full((k,), -1, jnp.int32).at[held(slot)].set(person, mode="drop")
-  init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price),
-          jnp.int32(0), jnp.bool_(False))
-  (price, owner, slot, rounds, top_price, rev, _), _ = jax.lax.scan(phase, init,
-                                                                    jnp.asarray(_phases()))
+  init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price))
+  (price, owner, slot, rounds, top_price), _ = jax.lax.scan(phase, init,
+                                                            jnp.asarray(_phases()))
   ok = jnp.all(slot >= 0) & running(top_price, rounds)
-  return slot, ok, rounds, rev, price
+  return slot, ok, rounds, price
 
 
 def _fill_unassigned(codes, num_codes):
@@ -284,54 +261,49 @@ def _fill_unassigned(codes, num_codes):
 
 
 def _level(cost, init, *, c, final, max_rounds):
-  """Auction with the top-c codes of every latent as candidates, for the images `init`
-  has not certified yet (the others keep `init` and do no rounds), warm-started from
-  `init` where that level converged. Returns (result dict, rounds, reverse rounds)."""
+  """Auction with the top-c codes of every latent as candidates, warm-started from the
+  previous level's result `init` where that one converged. Returns a result dict."""
   bsz, l, k = cost.shape
-  active = ~init["ok"] if PER_IMAGE else jnp.ones((bsz,), bool)
-  if not final:
-    # Cheap precheck against lists too short to hold a perfect matching: a group of
-    # latents sharing one nearest code (a collapsed cluster) has nearly the same lists, so
-    # an image skips this level when such a group outnumbers a list.
-    near = jnp.argmin(cost, axis=2)
-    top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], near].add(1)
-    fits = jnp.max(top1, axis=1) <= c
-    active = active & (fits if PER_IMAGE else jnp.all(fits))
+  # The barrier keeps XLA from rewriting top_k into a full sort when fused with its users.
+  # One barrier per array: a barrier over the (values, indices) pair crashes XLA:CPU's
+  # compiler under shard_map on several devices (jax 0.10.2).
+  neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, c))
+  spread = neg[..., :1] - neg  # >= 0: each list shifted so its best costs 0
+  scale = jnp.max(spread, axis=(1, 2))
+  scale = jnp.where(scale > 0, scale, 1.0)
+  a = -spread / scale[:, None, None]
+  solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
+                                     price_cap=np.inf if final else PRICE_CAP))
+  warm = init["warm"][:, None]
+  init_codes = jnp.where(warm, init["codes"], -1)
+  init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
 
   def run(_):
-    # The barrier keeps XLA from rewriting top_k into a full sort when fused with its
-    # users. One barrier per array: a barrier over the (values, indices) pair crashes
-    # XLA:CPU's compiler under shard_map on several devices (jax 0.10.2).
-    neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, c))
-    spread = neg[..., :1] - neg  # >= 0: each list shifted so its best costs 0
-    scale = jnp.max(spread, axis=(1, 2))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    a = -spread / scale[:, None, None]
-    solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
-                                       price_cap=np.inf if final else PRICE_CAP))
-    warm = init["warm"][:, None]
-    init_codes = jnp.where(warm, init["codes"], -1)
-    init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
-    slot, ok, rounds, rev, price = solve(cand, a, init_codes, init_price, active)
+    slot, ok, rounds, price = solve(cand, a, init_codes, init_price)
     converged = ok
-    # Certificate over all K codes: the duality gap with every code's price (codes outside
-    # the lists sit at 0 = lambda), i.e. the summed eps-CS slack against all K codes. It
-    # bounds the pruned solution's excess for the full problem whatever c was; for c = L
-    # pruning is provably safe.
+    # Certificate over all K codes: eps-CS against every code at the final prices (codes
+    # outside the lists sit at price 0 = lambda). It makes the pruned solution
+    # eps-optimal for the full problem whatever c was; for c = L pruning is provably safe.
     if not final:
       prof = -(neg[..., :1] + cost) / scale[:, None, None] - price[:, None, :]
       own = (jnp.take_along_axis(a, jnp.maximum(slot, 0)[..., None], -1)[..., 0]
              - jnp.take_along_axis(price, _codes(cand, slot), axis=1))
-      ok = ok & (jnp.sum(jnp.max(prof, axis=2) - own, axis=1) <= 2 * l * EPS_FINAL)
-    new = {"codes": jnp.where(slot >= 0, _codes(cand, slot), -1), "ok": ok,
-           "warm": converged, "price": price, "rounds": rounds, "scale": scale,
-           "level": jnp.full((bsz,), c, jnp.int32)}
-    pick = lambda x, y: jnp.where(active.reshape((bsz,) + (1,) * (x.ndim - 1)), x, y)
-    return (jax.tree.map(pick, new, init), jnp.where(active, rounds, 0),
-            jnp.where(active, rev, 0))
+      ok = ok & jnp.all(own >= jnp.max(prof, axis=2) - 2 * EPS_FINAL, axis=1)
+    return {"codes": jnp.where(slot >= 0, _codes(cand, slot), -1), "ok": ok,
+            "warm": converged, "price": price, "rounds": rounds, "scale": scale,
+            "level": jnp.full((bsz,), c, jnp.int32)}
 
-  none = jnp.zeros((bsz,), jnp.int32)
-  return jax.lax.cond(jnp.any(active), run, lambda _: (init, none, none), None)
+  if final:
+    return run(None)
+  # Cheap precheck against lists too short to hold a perfect matching: a group of latents
+  # sharing one nearest code (a collapsed cluster) has nearly the same lists, so skip
+  # this level when such a group outnumbers a list.
+  top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], cand[..., 0]].add(1)
+  skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
+             "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
+             "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
+             "level": jnp.full((bsz,), c, jnp.int32)}
+  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
 
 
 def _codes(cand, slot):
@@ -342,12 +314,8 @@ def auction_solve(cost, *, max_rounds=None):
   """Auction (PI-VQ paper §3.4 matching) on cost float[B, L, K] -> (int32[B, L], info).
 
   Tries candidate lists of LADDER sizes (cheap, certified over all K codes, skipped or
-  abandoned when too short) and falls back to C = L lists, which pruning makes safe; each
-  image moves on alone. info: "rounds" (auction rounds of the accepted level), "level"
-  (its list length), "iters_per_level" int32[B, levels] and "reverse_per_level" (rounds,
-  and reverse rounds among them, each level ran per image, abandoned levels included;
-  "list_lengths" names the levels), "iters" (their total per image: the slowest image's
-  is the accelerator's cost proxy),
+  abandoned when too short) and falls back to C = L lists, which pruning makes safe.
+  info: "rounds" (auction rounds of the accepted level), "level" (its list length),
   "converged" (False only if max_rounds ran out: the leftover latents then got arbitrary
   free codes, still one-to-one), "gap_bound" (L * 2^-21 * S, the guaranteed bound on
   total cost - optimum in cost units; see the module docstring).
@@ -364,18 +332,15 @@ def auction_solve(cost, *, max_rounds=None):
          "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
          "rounds": jnp.zeros((bsz,), jnp.int32), "scale": jnp.ones((bsz,), jnp.float32),
          "level": jnp.zeros((bsz,), jnp.int32)}
-  iters, rev = [], []  # per level, also when the level fails and is abandoned
-  for c in levels:
-    res, it, rv = _level(cost, res, c=c, final=c == final_c,
-                         max_rounds=max_rounds if c == final_c else 20 * l + 4000)
-    iters.append(it)
-    rev.append(rv)
+  for i, c in enumerate(levels):
+    final = c == final_c
+    level = functools.partial(_level, cost, c=c, final=final,
+                              max_rounds=max_rounds if final else 20 * l + 4000)
+    res = level(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), lambda r: r, level,
+                                                 res)
   converged = res["ok"] & finite
   codes = jax.vmap(functools.partial(_fill_unassigned, num_codes=k))(res["codes"])
   codes = jnp.where(finite[:, None], codes, -1).astype(jnp.int32)
   info = {"rounds": res["rounds"], "level": res["level"], "converged": converged,
-          "gap_bound": 2 * l * EPS_FINAL * res["scale"],
-          "iters_per_level": jnp.stack(iters, axis=1),
-          "reverse_per_level": jnp.stack(rev, axis=1),
-          "iters": sum(iters), "list_lengths": jnp.asarray(levels, jnp.int32)}
+          "gap_bound": 2 * l * EPS_FINAL * res["scale"]}
   return codes, info
