@@ -4,17 +4,18 @@ import importlib.util
 import os
 import tempfile
 
-# Tests compile far more than they run: LLVM's cheapest code generation takes about a third
-# less CPU on compile-bound tests (test_objective + test_factorqvae_trainer: 574 -> 369 CPU
-# s), for the same XLA graphs. Set before JAX starts its backend; subprocesses get it too.
-FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if FAST_XLA_FLAGS not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Many tests compile the same tiny train state and steps; a session-wide persistent
+# compilation cache turns the repeats into loads (executables with host callbacks, such as
+# the exact Hungarian, are never cached and still compile). Subprocess tests inherit it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pivq_jax_cache_"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
@@ -25,18 +26,10 @@ def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
-def pytest_collection_modifyitems(items):
-  """Slow (subprocess) tests first: under xdist the long ones start early and the short
-  ones fill the gaps, instead of one worker finishing a 2-minute test alone at the end."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-# Many tests compile the same tiny train state and steps; a session-wide persistent
-# compilation cache turns the repeats into loads (executables with host callbacks, such as
-# the exact Hungarian, are never cached and still compile). Subprocess tests inherit it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pivq_jax_cache_"))
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+# Subprocess runs (SIGKILL, SIGTERM, fake devices, two processes, plans) mostly compile and
+# run a few tiny steps, so they take LLVM's cheapest code generation (about a third less
+# CPU on compile-bound tests, the same XLA graphs).
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def load_config(name: str, arg: str | None = None):
