@@ -18,6 +18,12 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Subprocess runs (SIGKILL, SIGTERM, fake devices, two processes, plans) mostly compile and
+# run a few tiny steps, so they take LLVM's cheapest code generation (about a third less
+# CPU on compile-bound tests, the same XLA graphs).
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
   """The environment for a subprocess test: CPU JAX, fast XLA flags, `devices` fake CPU
   devices, the session's compilation cache (inherited) and `extra`."""
@@ -25,11 +31,6 @@ def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
                             if devices else "")
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
-
-# Subprocess runs (SIGKILL, SIGTERM, fake devices, two processes, plans) mostly compile and
-# run a few tiny steps, so they take LLVM's cheapest code generation (about a third less
-# CPU on compile-bound tests, the same XLA graphs).
-FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
 def load_config(name: str, arg: str | None = None):
