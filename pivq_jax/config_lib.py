@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.norm_groups = 32  # UT's GroupNorm(32); narrow CPU trunks may want fewer
   c.model.embed_std = 0.02  # init std of positional/query/output embeddings (choice)
   c.model.input_pos_std = 0.0  # encoder input positions' init std; 0: embed_std (choice)
+  c.model.output_pos_std = 0.0  # decoder output embeddings' init std; 0: embed_std (choice)
   c.model.dtype = "float32"  # compute dtype: float32 | bfloat16; params stay float32
 
   c.quantizer = ml_collections.ConfigDict()

@@ -27,6 +27,7 @@ RANGES = (
     ("model.norm_groups", 1, None, True, True),
     ("model.embed_std", 0, None, False, True),
     ("model.input_pos_std", 0, None, True, True),
+    ("model.output_pos_std", 0, None, True, True),
     ("quantizer.num_codes", 1, None, True, True),
     ("quantizer.beta", 0, None, True, True),
     ("quantizer.validate_every", 0, None, True, True),

@@ -61,12 +61,20 @@ def test_paper_hyperparameters():
   assert c64.data.name == "celeba"
 
 
-def test_faces_passes_through_every_training_phase():
-  c = load_config("faces")
+@pytest.mark.parametrize("arg", [None, "long"])
+def test_faces_passes_through_every_training_phase(arg):
+  c = load_config("faces", arg)
   ci, steps = c.codebook_init, c.num_train_steps
   assert 0 < ci.start_step < min(ci.reinit_steps) < c.loss.disc_start_step < steps
   assert c.loss.lpips_weight > 0 and c.loss.adversarial_weight > 0
   config_lib.check_config(c, num_devices=1)
+
+
+def test_faces_long_is_the_default_trained_longer():
+  base, long = load_config("faces"), load_config("faces", "long")
+  assert long.num_train_steps >= 4 * base.num_train_steps
+  for section in ("model", "quantizer", "optim", "data"):  # same model, data and recipe
+    assert long[section].to_dict() == base[section].to_dict(), section
 
 
 def test_unknown_config_argument():
@@ -186,7 +194,8 @@ def test_factorqvae_fields_reach_the_model(field, value):
 
 
 @pytest.mark.parametrize("section, field, value", [
-    ("model", "embed_std", 0.5), ("model", "norm_groups", 8), ("model", "ch_mult", (1, 2)),
+    ("model", "embed_std", 0.5), ("model", "output_pos_std", 1.0),
+    ("model", "norm_groups", 8), ("model", "ch_mult", (1, 2)),
     ("quantizer", "beta", 0.5), ("quantizer", "solver", "sinkhorn"),
     ("disc", "n_layers", 2)])
 def test_pivq_fields_reach_the_modules(section, field, value):

@@ -4,6 +4,7 @@ from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from pivq_jax.models import autoencoder
 from pivq_jax.models import trunk
@@ -64,6 +65,19 @@ def test_shapes_and_methods():
   np.testing.assert_allclose(model.apply(params, idx, method="decode_indices"),
                              model.apply(params, z_q, method="decode"), atol=1e-5)
   np.testing.assert_allclose(x_hat, model.apply(params, z_q, method="decode"), atol=1e-5)
+
+
+@pytest.mark.parametrize("input_std, output_std", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
+def test_position_init_scales(input_std, output_std):
+  """input_pos_std / output_pos_std set their own embedding's scale; 0 falls back to
+  embed_std, and the latent queries always keep embed_std."""
+  model = _small_model().clone(input_pos_std=input_std, output_pos_std=output_std)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  stds = {k: float(jnp.std(params[k]))
+          for k in ("input_positions", "output_embeddings", "latent_queries")}
+  np.testing.assert_allclose(stds["input_positions"], input_std or 0.02, rtol=0.1)
+  np.testing.assert_allclose(stds["output_embeddings"], output_std or 0.02, rtol=0.1)
+  np.testing.assert_allclose(stds["latent_queries"], 0.02, rtol=0.15)
 
 
 def test_quantize_flag_bypasses_the_quantizer():

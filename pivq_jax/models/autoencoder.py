@@ -37,6 +37,8 @@ class PIVQAutoencoder(nn.Module):
     input_pos_std: init scale of the encoder's input positions alone; 0 = embed_std.
       They are added to conv features of unit scale, so at 0.02 the encoder starts
       nearly blind to where a feature is (choice; see docs/faces_study.md).
+    output_pos_std: init scale of the decoder's output embeddings alone; 0 = embed_std.
+      They are the output tokens' only input besides the codes (choice; faces_study.md).
     dtype: compute dtype; parameters stay float32.
   """
   resolution: int
@@ -53,6 +55,7 @@ class PIVQAutoencoder(nn.Module):
   ut_unused_skip: bool = False
   embed_std: float = 0.02
   input_pos_std: float = 0.0
+  output_pos_std: float = 0.0
   norm_groups: int = 32
   dtype: Any = jnp.float32
 
@@ -76,7 +79,9 @@ class PIVQAutoencoder(nn.Module):
     self.latent_queries = self.param("latent_queries", _embed_init,
                                      (self.num_latents, self.emb_dim))
     self.encoder_transformer = transformer.Transformer(**tfm_kw)
-    self.output_embeddings = self.param("output_embeddings", _embed_init,
+    out_std = self.output_pos_std or self.embed_std
+    self.output_embeddings = self.param("output_embeddings",
+                                        nn.initializers.normal(stddev=out_std),
                                         (n_tokens, self.emb_dim))
     self.decoder_transformer = transformer.Transformer(**tfm_kw)
     self.decoder_trunk = trunk.Decoder(**trunk_kw)
