@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import shutil
 import tempfile
 
 import jax
@@ -11,8 +12,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Many tests compile the same tiny train state and steps; a session-wide persistent
 # compilation cache turns the repeats into loads (executables with host callbacks, such as
-# the exact Hungarian, are never cached and still compile). Subprocess tests inherit it.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="pivq_jax_cache_"))
+# the exact Hungarian, are never cached and still compile). Subprocess tests and xdist
+# workers inherit it; the process that made it removes it at the end (60-90 MB a run).
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="pivq_jax_cache_")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -22,6 +26,11 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 # run a few tiny steps, so they take LLVM's cheapest code generation (about a third less
 # CPU on compile-bound tests, the same XLA graphs).
 FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE and not hasattr(config, "workerinput"):  # the xdist controller, or no xdist
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
 def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
