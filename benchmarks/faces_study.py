@@ -4,6 +4,7 @@
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
   python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
+  python benchmarks/faces_study.py --runs=default,tq900,batch4,long   # full schedules
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
@@ -13,6 +14,10 @@ measured apart by `--step_costs` on an otherwise idle machine (best of 3 rounds,
 excluded), so it does not depend on what else ran during the study. One JSON line per
 finished variant goes to --out; a rerun skips the variants already there and resumes an
 interrupted one from its checkpoints.
+
+`--runs` trains full schedules (every phase, the README's main command with overrides,
+resumable) and plots their train and held-out curves against images seen to
+docs/faces_runs.png; results in benchmarks/results/faces_runs.json.
 
 `convae` is the reference outside PI-VQ: the same conv trunk with a spatial 8x8xC
 bottleneck (C=32: as many floats as PI-VQ's 32x64 latents) and no transformers, trained
@@ -37,6 +42,7 @@ flags.DEFINE_string("out", "benchmarks/results/faces_study.jsonl", "Results, one
 flags.DEFINE_string("workroot", "/tmp/faces_study", "Parent of the variants' workdirs.")
 flags.DEFINE_string("plot", "docs/faces_study.png", "Curves PNG ('' = none).")
 flags.DEFINE_bool("plot_only", False, "Only redraw the plot from --out.")
+flags.DEFINE_string("runs", "", "Comma list of full-schedule runs (RUNS) to train and plot.")
 flags.DEFINE_bool("step_costs", False, "Measure the step cost of every finished variant "
                   "that lacks one (the plot's time axis), then redraw.")
 
@@ -92,6 +98,21 @@ VARIANTS = {
     "groups4": dict(_SHORT, **{"model.norm_groups": 4}),
     "batch4": dict(_UNQ, **{"batch_size": 4, "num_train_steps": 800}),
     "batch2": dict(_UNQ, **{"batch_size": 2, "num_train_steps": 1600}),
+}
+# Full schedules through the main command: name -> (config argument, overrides).
+RUNS = {
+    "default": ("", []),
+    # The schedule faces.py had before: T_q 900, re-init 1200, GAN from 1600.
+    "tq900": ("", ["--config.codebook_init.start_step=900",
+                   "--config.codebook_init.reinit_steps=(1200,)",
+                   "--config.loss.disc_start_step=1600"]),
+    # Batch 4 on the T_q-900 schedule, every phase at the same images seen (x 3500/2200).
+    "batch4": ("", ["--config.batch_size=4", "--config.num_train_steps=3500",
+                    "--config.codebook_init.start_step=1430",
+                    "--config.codebook_init.history_steps=64",
+                    "--config.codebook_init.reinit_steps=(1900,)",
+                    "--config.loss.disc_start_step=2550", "--config.eval_every=1750"]),
+    "long": ("long", []),
 }
 SETS = {
     "round6": ["groups1", "groups4", "batch4", "batch2"],
@@ -286,17 +307,18 @@ def plot(path: str, png: str) -> None:
   fig, axes = plt.subplots(1, 2, figsize=(13, 5))
   colors = plt.get_cmap("tab20").colors
   for i, (name, r) in enumerate(results.items()):
-    steps = [p["step"] for p in r["curve"]]
+    batch = r["overrides"].get("batch_size", 8)  # images seen: batches differ (4 to 16)
+    images = [p["step"] * batch for p in r["curve"]]
     secs = [p["step"] * costs.get(name, float("nan")) for p in r["curve"]]
     psnr = [p["eval/ema/psnr"] for p in r["curve"]]
-    kw = dict(label=name, color=colors[i % len(colors)], lw=1.2)
+    kw = dict(label=name, color=colors[i % len(colors)], lw=1.2, ls="-" if i < 20 else ":")
     if name == "base":
       kw.update(color="black", lw=2.5)
     elif name == "convae":
       kw.update(color="black", lw=2.5, ls="--")
-    axes[0].plot(steps, psnr, marker="o", ms=3, **kw)
+    axes[0].plot(images, psnr, marker="o", ms=3, **kw)
     axes[1].plot(secs, psnr, marker="o", ms=3, **kw)
-  axes[0].set_xlabel("step")
+  axes[0].set_xlabel("training images seen (step x batch)")
   axes[1].set_xlabel("train seconds on 2 CPU cores (step x measured step cost)")
   for ax in axes:
     ax.set_ylabel("held-out EMA PSNR (dB)")
@@ -306,8 +328,76 @@ def plot(path: str, png: str) -> None:
   fig.savefig(png, dpi=110)
 
 
+def _run_curves(workdir: str) -> dict:
+  """Train PSNR and held-out EMA PSNR / LPIPS by step, from a run's TB events."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tags = ("train/psnr", "eval/ema/psnr", "eval/ema/lpips")
+  out = {t: {} for t in tags}
+  for fname in sorted(tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*"))):
+    for event in tf.compat.v1.train.summary_iterator(fname):
+      for v in event.summary.value:
+        if v.tag in out:
+          out[v.tag][event.step] = round(float(tf.make_ndarray(v.tensor)), 4)
+  return {t: sorted(c.items()) for t, c in out.items()}
+
+
+def _finished(workdir: str) -> bool:
+  """Trained to its last step and evaluated there (a rerun would only re-evaluate)."""
+  if not os.path.exists(os.path.join(workdir, "config.json")):
+    return False
+  last = json.load(open(os.path.join(workdir, "config.json")))["num_train_steps"]
+  return any(step == last for step, _ in _run_curves(workdir)["eval/ema/psnr"])
+
+
+def full_runs(names: list[str], path: str, png: str) -> None:
+  import subprocess  # pylint: disable=g-import-not-at-top
+  results = json.load(open(path)) if os.path.exists(path) else {}
+  for name in names:
+    arg, overrides = RUNS[name]
+    workdir = os.path.join(FLAGS.workroot, "runs", name)
+    config = "configs/faces.py" + (f":{arg}" if arg else "")
+    cmd = [sys.executable, "-m", "pivq_jax.main", f"--config={config}",
+           f"--workdir={workdir}", *overrides]
+    if name not in results:
+      if not _finished(workdir):  # the main command resumes an interrupted run
+        subprocess.run(cmd, check=True)
+      results[name] = {"command": " ".join(cmd[1:]), **_run_curves(workdir)}
+      with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+  _plot_runs(results, png)
+
+
+def _plot_runs(results: dict, png: str) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import numpy as np
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for i, (name, r) in enumerate(results.items()):
+    batch = 4 if "batch_size=4" in r["command"] else 8
+    color = plt.get_cmap("tab10").colors[i]
+    steps, psnr = np.asarray(r["train/psnr"]).T
+    k = 5  # train PSNR is per batch: a running mean over 5 logs
+    smooth = np.convolve(psnr, np.ones(k) / k, mode="valid")
+    ax.plot(steps[k - 1:] * batch, smooth, color=color, lw=1, alpha=0.6)
+    ev_steps, ev = np.asarray(r["eval/ema/psnr"]).T
+    ax.plot(ev_steps * batch, ev, "o-", color=color, lw=2, label=f"{name} (held out, EMA)")
+  ax.set_xlabel("training images seen (step x batch)")
+  ax.set_ylabel("PSNR (dB): held out (dots), train (thin)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(png, dpi=110)
+
+
 def main(argv):
   del argv
+  if FLAGS.runs:
+    unknown = [n for n in FLAGS.runs.split(",") if n not in RUNS]
+    if unknown:
+      raise app.UsageError(f"Unknown runs {unknown}; known: {sorted(RUNS)}.")
+    return full_runs(FLAGS.runs.split(","), "benchmarks/results/faces_runs.json",
+                     "docs/faces_runs.png")
   if FLAGS.step_costs:
     path = _costs_path(FLAGS.out)
     costs = json.load(open(path)) if os.path.exists(path) else {}
