@@ -67,12 +67,14 @@ def test_shapes_and_methods():
   np.testing.assert_allclose(x_hat, model.apply(params, z_q, method="decode"), atol=1e-5)
 
 
-@pytest.mark.parametrize("input_std, output_std", [(0.0, 0.0), (1.0, 0.0), (0.0, 1.0)])
+@pytest.mark.parametrize("input_std, output_std", [(1.0, 0.0), (0.0, 1.0)])
 def test_position_init_scales(input_std, output_std):
   """input_pos_std / output_pos_std set their own embedding's scale; 0 falls back to
   embed_std, and the latent queries always keep embed_std."""
-  model = _small_model().clone(input_pos_std=input_std, output_pos_std=output_std)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  model = _small_model().clone(input_pos_std=input_std, output_pos_std=output_std, nf=8,
+                               ch_mult=(1, 2), attn_resolutions=(), norm_groups=4,
+                               tfm_layers=1)  # only the embeddings matter here
+  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
   stds = {k: float(jnp.std(params[k]))
           for k in ("input_positions", "output_embeddings", "latent_queries")}
   np.testing.assert_allclose(stds["input_positions"], input_std or 0.02, rtol=0.1)
