@@ -145,18 +145,24 @@ def _config(name: str):
   return c
 
 
-def _curve(workdir: str) -> list[dict]:
-  """(step, seconds since the first event, eval scalars) from the run's TB events."""
+def _events(workdir: str):
+  """(tag, step, value, wall time) of every scalar in a run's TB events."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  points, t0 = {}, None
   for fname in sorted(tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*"))):
     for event in tf.compat.v1.train.summary_iterator(fname):
-      t0 = event.wall_time if t0 is None else min(t0, event.wall_time)
       for v in event.summary.value:
-        if v.tag.startswith("eval/") and v.tag.endswith("psnr"):
-          p = points.setdefault(event.step, {"step": event.step})
-          p[v.tag] = float(tf.make_ndarray(v.tensor))
-          p["seconds"] = event.wall_time
+        if not v.tensor.tensor_shape.dim:  # scalars only (not images or histograms)
+          yield v.tag, event.step, float(tf.make_ndarray(v.tensor)), event.wall_time
+
+
+def _curve(workdir: str) -> list[dict]:
+  """(step, seconds since the first event, eval scalars) from the run's TB events."""
+  points, t0 = {}, None
+  for tag, step, value, wall in _events(workdir):
+    t0 = wall if t0 is None else min(t0, wall)
+    if tag.startswith("eval/") and tag.endswith("psnr"):
+      p = points.setdefault(step, {"step": step})
+      p[tag], p["seconds"] = value, wall
   out = sorted(points.values(), key=lambda p: p["step"])
   for p in out:
     p["seconds"] = round(p["seconds"] - t0, 1)
@@ -329,15 +335,11 @@ def plot(path: str, png: str) -> None:
 
 
 def _run_curves(workdir: str) -> dict:
-  """Train PSNR and held-out EMA PSNR / LPIPS by step, from a run's TB events."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tags = ("train/psnr", "eval/ema/psnr", "eval/ema/lpips")
-  out = {t: {} for t in tags}
-  for fname in sorted(tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*"))):
-    for event in tf.compat.v1.train.summary_iterator(fname):
-      for v in event.summary.value:
-        if v.tag in out:
-          out[v.tag][event.step] = round(float(tf.make_ndarray(v.tensor)), 4)
+  """Train PSNR and held-out EMA PSNR / LPIPS by step (a resumed run's repeats: the last)."""
+  out = {t: {} for t in ("train/psnr", "eval/ema/psnr", "eval/ema/lpips")}
+  for tag, step, value, _ in _events(workdir):
+    if tag in out:
+      out[tag][step] = round(value, 4)
   return {t: sorted(c.items()) for t, c in out.items()}
 
 
@@ -361,7 +363,9 @@ def full_runs(names: list[str], path: str, png: str) -> None:
     if name not in results:
       if not _finished(workdir):  # the main command resumes an interrupted run
         subprocess.run(cmd, check=True)
-      results[name] = {"command": " ".join(cmd[1:]), **_run_curves(workdir)}
+      batch = json.load(open(os.path.join(workdir, "config.json")))["batch_size"]
+      results[name] = {"command": " ".join(cmd[1:]), "batch_size": batch,
+                       **_run_curves(workdir)}
       with open(path, "w") as f:
         json.dump(results, f, indent=1)
   _plot_runs(results, png)
@@ -374,7 +378,7 @@ def _plot_runs(results: dict, png: str) -> None:
   import numpy as np
   fig, ax = plt.subplots(figsize=(8, 5))
   for i, (name, r) in enumerate(results.items()):
-    batch = 4 if "batch_size=4" in r["command"] else 8
+    batch = r["batch_size"]
     color = plt.get_cmap("tab10").colors[i]
     steps, psnr = np.asarray(r["train/psnr"]).T
     k = 5  # train PSNR is per batch: a running mean over 5 logs
