@@ -146,10 +146,12 @@ def _config(name: str):
 
 
 def _events(workdir: str):
-  """(tag, step, value, wall time) of every scalar in a run's TB events."""
+  """(tag, step, value, wall time) of every scalar in a run's TB events, after one
+  (None, step, None, wall time) per event, so callers can see when the run started."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   for fname in sorted(tf.io.gfile.glob(os.path.join(workdir, "events.out.tfevents.*"))):
     for event in tf.compat.v1.train.summary_iterator(fname):
+      yield None, event.step, None, event.wall_time
       for v in event.summary.value:
         if not v.tensor.tensor_shape.dim:  # scalars only (not images or histograms)
           yield v.tag, event.step, float(tf.make_ndarray(v.tensor)), event.wall_time
@@ -160,7 +162,7 @@ def _curve(workdir: str) -> list[dict]:
   points, t0 = {}, None
   for tag, step, value, wall in _events(workdir):
     t0 = wall if t0 is None else min(t0, wall)
-    if tag.startswith("eval/") and tag.endswith("psnr"):
+    if tag and tag.startswith("eval/") and tag.endswith("psnr"):
       p = points.setdefault(step, {"step": step})
       p[tag], p["seconds"] = value, wall
   out = sorted(points.values(), key=lambda p: p["step"])
