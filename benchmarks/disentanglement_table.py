@@ -3,6 +3,7 @@
 InfoMEC on FactorQVAE's d codes and on PI-VQ's K code-presence bits).
 
   python benchmarks/disentanglement_table.py --root=/tmp/dis [--seeds=0,1] [--out=t.json]
+      [--runs="PI-VQ (matching),PI-VQ (nearest)"]
 
 Runs that reached their last step are not retrained (an interrupted one resumes), and
 evals that already wrote their JSON are not repeated, so the table picks up where it stopped. On 2 CPU cores
@@ -21,6 +22,7 @@ import numpy as np
 _ROOT = flags.DEFINE_string("root", "/tmp/pivq_disentanglement", "Workdirs go here.")
 _SEEDS = flags.DEFINE_list("seeds", ["0"], "Training seeds (config.seed).")
 _OUT = flags.DEFINE_string("out", None, "Optional JSON output path.")
+_RUNS = flags.DEFINE_list("runs", None, "Rows to (re)compute, by name; default all of RUNS.")
 
 # name -> (config, extra flags). QVAE's batch is FactorQVAE's half, as in the reference
 # (256 vs 512): both VAE steps see 32 images.
@@ -67,7 +69,11 @@ def run_one(name: str, seed: int) -> dict:
 
 
 def main(_):
-  table = {name: [run_one(name, int(s)) for s in _SEEDS.value] for name in RUNS}
+  names = _RUNS.value or list(RUNS)
+  unknown = sorted(set(names) - set(RUNS))
+  if unknown:
+    raise app.UsageError(f"--runs names {unknown}, which are not rows; choose from {list(RUNS)}.")
+  table = {name: [run_one(name, int(s)) for s in _SEEDS.value] for name in names}
   cols = [*COLUMNS, "PSNR"]
   print(f"\n| model ({len(_SEEDS.value)} seed(s)) | " + " | ".join(cols) + " |")
   print("|---" * (len(cols) + 1) + "|")

@@ -33,6 +33,25 @@ def pytest_unconfigure(config):
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
 
 
+# Tests that share an expensive fixture go to one xdist worker (`--dist loadgroup` in
+# setup.cfg), so it is computed once per session instead of once per worker: the trained
+# tiny run (its readers are slow tests: the run trains every phase first) and the
+# scale-out tests' one-device reference.
+_GROUPS = {"trained_tiny_run": "trained_tiny", "trained_tiny": "trained_tiny",
+           "trained_copy": "trained_tiny", "one_device": "scale_out"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's hook turns the groups into node ids
+def pytest_collection_modifyitems(config, items):
+  del config
+  for item in items:
+    groups = {_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in _GROUPS}
+    for group in groups:
+      item.add_marker(pytest.mark.xdist_group(group))
+    if "trained_tiny" in groups:
+      item.add_marker(pytest.mark.slow)
+
+
 def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
   """The environment for a subprocess test: CPU JAX, fast XLA flags, `devices` fake CPU
   devices, the session's compilation cache (inherited) and `extra`."""

@@ -348,6 +348,7 @@ def test_cosine_schedules_match_the_spec():
 # ----------------------------------------------------------------------------------------
 # End to end: the trainer's FactorQVAE step (half-batch split, two optimizers).
 # ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["factorqvae"])
 def test_two_optimizer_train_steps_reduce_reconstruction_loss(variant):
   model, params = _init(variant)

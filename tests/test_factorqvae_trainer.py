@@ -26,6 +26,7 @@ def _tiny(variant="factorqvae"):
   return c
 
 
+@pytest.mark.slow
 def test_train_resume_and_reproducible_eval(tmp_path):
   c = _tiny()
   workdir = str(tmp_path / "fq")
@@ -52,6 +53,7 @@ def test_train_resume_and_reproducible_eval(tmp_path):
     runner.run(c, workdir, mode="export")
 
 
+@pytest.mark.slow
 def test_disentanglement_of_codes_that_track_the_factors(monkeypatch, tmp_path):
   c = _tiny("qvae")  # one optimizer, whole batch
   workdir = str(tmp_path / "q")
@@ -76,6 +78,7 @@ def test_disentanglement_of_codes_that_track_the_factors(monkeypatch, tmp_path):
   assert os.path.getsize(os.path.join(workdir, "images", "disentanglement_00000004.png")) > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["betavae"])
 def test_variants_train(variant, tmp_path):
   c = _tiny(variant)
@@ -112,6 +115,7 @@ def test_shapes3d_config_has_the_papers_hyperparameters():
   config_lib.check_config(c, num_devices=8)
 
 
+@pytest.mark.slow
 def test_shapes3d_config_trains_on_mock_tfds(tmp_path):
   """factorqvae_shapes3d.py:runlocal through the real TFDS loader, offline (mock data)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top

@@ -4,10 +4,13 @@ No timing: the bounds are on the loss and on held-out PSNR after a fixed number 
 set with a margin from what this run reaches (measured values in the comment).
 """
 
+import pytest
+
 from conftest import tiny_config
 from pivq_jax import runner
 
 
+@pytest.mark.slow
 def test_short_faces_run_learns(tmp_path):
   c = tiny_config()
   c.num_train_steps = 150

@@ -91,6 +91,7 @@ def test_adaptive_weight_is_clamped_and_stops_gradients():
   assert float(jax.grad(lambda s: adversarial.adaptive_weight(s * b, a))(1.0)) == 0.0
 
 
+@pytest.mark.slow
 def test_adaptive_weight_from_last_layer_grads_equals_direct_autodiff():
   """The cheap kernel gradients (conv input + dL/dx_hat) equal autodiff through a decoder."""
   dec = trunk.Decoder(nf=16, ch_mult=(1, 2), res_blocks=1, attn_resolutions=(), norm_groups=8)

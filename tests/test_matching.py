@@ -61,6 +61,7 @@ def _instances(draw):
   return cost
 
 
+@pytest.mark.slow
 @hypothesis.settings(max_examples=60, deadline=None)
 @hypothesis.given(_instances())
 def test_auction_matches_scipy(cost):
@@ -100,6 +101,7 @@ def test_cost_scale(scale):
   _check(base, codes)  # the same assignment is optimal for the unscaled problem
 
 
+@pytest.mark.slow
 def test_collapsed_latents_64x512():
   # A collapsed encoder: latents = a few code vectors + tiny noise (spec §2's hard case).
   rng = np.random.default_rng(1)

@@ -27,6 +27,7 @@ def test_ut_256px_trunk_parameter_counts():
   assert _count(dec) == 35_020_291
 
 
+@pytest.mark.slow
 def test_unused_skip_switch_changes_only_parameter_count():
   kw = dict(nf=32, ch_mult=(1, 2), res_blocks=1, attn_resolutions=())
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
@@ -43,6 +44,11 @@ def test_unused_skip_switch_changes_only_parameter_count():
       plain.apply(traverse_util.unflatten_dict(p_plain), x), atol=1e-6)
 
 
+# Tests here check shapes, equalities and init scales, not particular draws: "rbg" keys
+# compile in a fraction of the time threefry takes for a whole model's initialisers.
+_FAST_KEY = jax.random.key(1, impl="rbg")
+
+
 def _small_model(assignment="nearest"):
   return autoencoder.PIVQAutoencoder(
       resolution=32, nf=32, ch_mult=(1, 2, 2), res_blocks=1, attn_resolutions=(8,),
@@ -50,23 +56,32 @@ def _small_model(assignment="nearest"):
       quantizer=vq.VectorQuantizer(num_codes=40, dim=32, assignment=assignment))
 
 
-def test_shapes_and_methods():
+@pytest.fixture(scope="module")
+def small():
+  """(model, params, jitted apply): one init shared by the tests below (parameters do not
+  depend on the batch), and applies jitted whole rather than run op by op."""
   model = _small_model()
+  params = jax.jit(model.init)(_FAST_KEY, jnp.zeros((1, 32, 32, 3)))
+  return model, params, jax.jit(model.apply, static_argnames=("method", "quantize"))
+
+
+def test_shapes_and_methods(small):
+  _, params, apply = small
   x = jax.random.uniform(jax.random.key(0), (3, 32, 32, 3))
-  params = model.init(jax.random.key(1), x)
-  z_e = model.apply(params, x, method="encode")
+  z_e = apply(params, x, method="encode")
   assert z_e.shape == (3, 12, 32) and z_e.dtype == jnp.float32
-  idx = model.apply(params, x, method="encode_to_indices")
+  idx = apply(params, x, method="encode_to_indices")
   assert idx.shape == (3, 12) and idx.dtype == jnp.int32
-  x_hat, aux = model.apply(params, x)
+  x_hat, aux = apply(params, x)
   assert x_hat.shape == x.shape
   # Decoding the indices equals decoding the quantized vectors.
-  z_q, _ = model.apply(params, z_e, method="quantize")
-  np.testing.assert_allclose(model.apply(params, idx, method="decode_indices"),
-                             model.apply(params, z_q, method="decode"), atol=1e-5)
-  np.testing.assert_allclose(x_hat, model.apply(params, z_q, method="decode"), atol=1e-5)
+  z_q, _ = apply(params, z_e, method="quantize")
+  np.testing.assert_allclose(apply(params, idx, method="decode_indices"),
+                             apply(params, z_q, method="decode"), atol=1e-5)
+  np.testing.assert_allclose(x_hat, apply(params, z_q, method="decode"), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("input_std, output_std", [(1.0, 0.0), (0.0, 1.0)])
 def test_position_init_scales(input_std, output_std):
   """input_pos_std / output_pos_std set their own embedding's scale; 0 falls back to
@@ -74,7 +89,7 @@ def test_position_init_scales(input_std, output_std):
   model = _small_model().clone(input_pos_std=input_std, output_pos_std=output_std, nf=8,
                                ch_mult=(1, 2), attn_resolutions=(), norm_groups=4,
                                tfm_layers=1)  # only the embeddings matter here
-  params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jax.jit(model.init)(_FAST_KEY, jnp.zeros((1, 32, 32, 3)))["params"]
   stds = {k: float(jnp.std(params[k]))
           for k in ("input_positions", "output_embeddings", "latent_queries")}
   np.testing.assert_allclose(stds["input_positions"], input_std or 0.02, rtol=0.1)
@@ -82,38 +97,33 @@ def test_position_init_scales(input_std, output_std):
   np.testing.assert_allclose(stds["latent_queries"], 0.02, rtol=0.15)
 
 
-def test_quantize_flag_bypasses_the_quantizer():
-  model = _small_model()
+def test_quantize_flag_bypasses_the_quantizer(small):
+  _, params, apply = small
   x = jax.random.uniform(jax.random.key(0), (2, 32, 32, 3))
-  params = model.init(jax.random.key(1), x)
-  z_e = model.apply(params, x, method="encode")
-  x_hat, aux = model.apply(params, x, quantize=False)
-  np.testing.assert_allclose(x_hat, model.apply(params, z_e, method="decode"), atol=1e-5)
+  z_e = apply(params, x, method="encode")
+  x_hat, aux = apply(params, x, quantize=False)
+  np.testing.assert_allclose(x_hat, apply(params, z_e, method="decode"), atol=1e-5)
   assert aux is None
-  x_hat_q, aux_q = model.apply(params, x, quantize=True)
+  x_hat_q, aux_q = apply(params, x, quantize=True)
   assert float(aux_q["loss"]) > 0.0
   assert not np.allclose(x_hat, x_hat_q)
 
 
-def test_decoder_is_invariant_to_code_order():
-  model = _small_model()
-  x = jax.random.uniform(jax.random.key(0), (4, 32, 32, 3))
-  params = model.init(jax.random.key(1), x)
+def test_decoder_is_invariant_to_code_order(small):
+  _, params, apply = small
   codes = jax.random.normal(jax.random.key(2), (4, 12, 32))
-  ref = model.apply(params, codes, method="decode")
+  ref = apply(params, codes, method="decode")
   for seed in range(5):
     perm = jax.random.permutation(jax.random.key(10 + seed), 12)
-    out = model.apply(params, codes[:, perm], method="decode")
+    out = apply(params, codes[:, perm], method="decode")
     np.testing.assert_allclose(out, ref, atol=2e-5, rtol=1e-5)
 
 
-def test_decoder_sees_code_content():
+def test_decoder_sees_code_content(small):
   # Guard against a trivially invariant decoder that ignores its codes.
-  model = _small_model()
-  x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3))
-  params = model.init(jax.random.key(1), x)
+  _, params, apply = small
   a = jax.random.normal(jax.random.key(2), (1, 12, 32))
   b = a.at[:, 0].set(jax.random.normal(jax.random.key(3), (32,)))
-  out_a = model.apply(params, a, method="decode")
-  out_b = model.apply(params, b, method="decode")
+  out_a = apply(params, a, method="decode")
+  out_b = apply(params, b, method="decode")
   assert float(jnp.max(jnp.abs(out_a - out_b))) > 1e-4

@@ -10,6 +10,7 @@ from pivq_jax.modes import plan
 from pivq_jax import runner
 
 
+@pytest.mark.slow
 def test_plan_compiles_without_allocating_and_scales_with_the_batch(tiny, tmp_path):
   tiny.num_train_steps = 1000
   before = len(jax.live_arrays())

@@ -164,16 +164,27 @@ def _main_cmd(workdir, *overrides):
           "--config.quantizer.assignment=nearest", *overrides]
 
 
+def _events_files(workdir):
+  return [f for f in os.listdir(workdir) if f.startswith("events.")] if workdir.exists() else []
+
+
 @pytest.mark.slow
-def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
-  workdir = tmp_path / "run"
-  env = subprocess_env()
-  proc = subprocess.Popen(
-      _main_cmd(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=4"),
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_sigkill_then_sigterm_resume_exactly(tmp_path):
+  """Real signals to real training processes, one after the other: after a SIGKILL the
+  same command resumes from the last complete checkpoint; on SIGTERM it saves the step it
+  reached and exits 0; the same command again ends exactly where a run that was never
+  interrupted ends."""
+  workdir, straight = tmp_path / "run", tmp_path / "straight"
   ckpts = workdir / "checkpoints"
+  env = subprocess_env()
+  forever = "--config.num_train_steps=100000"
+
+  # SIGKILL once two periodic checkpoints are complete.
+  proc = subprocess.Popen(_main_cmd(workdir, forever, "--config.checkpoint_every=4"),
+                          cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
-  while time.time() < deadline:  # wait until at least two checkpoints are complete
+  while time.time() < deadline:
     done = [d for d in (os.listdir(ckpts) if ckpts.exists() else []) if d.isdigit()]
     if len(done) >= 2:
       break
@@ -183,54 +194,40 @@ def test_sigkill_mid_run_resumes_from_last_checkpoint(tmp_path):
   with ocp.CheckpointManager(ckpts) as mngr:
     last = mngr.latest_step()
   assert last is not None and last >= 8
-  out = subprocess.run(
-      _main_cmd(workdir, f"--config.num_train_steps={last + 2}",
-                "--config.checkpoint_every=4"),
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert f"Resuming from checkpoint step {last}" in out.stderr
-  with ocp.CheckpointManager(ckpts) as mngr:
-    assert mngr.latest_step() == last + 2
 
-
-@pytest.mark.slow
-def test_sigterm_saves_exits_and_resumes_exactly(tmp_path):
-  """A real SIGTERM to a real training process: it saves the step it reached and exits 0;
-  running the same command again continues exactly as an uninterrupted run."""
-  workdir, straight = tmp_path / "run", tmp_path / "straight"
-  env = subprocess_env()
+  # The same command resumes from there; SIGTERM once the resumed process logs (its own
+  # events file), with no periodic checkpoint due, so the save is the preemption's.
   proc = subprocess.Popen(
-      _main_cmd(workdir, "--config.num_train_steps=100000", "--config.checkpoint_every=1000",
-                "--config.log_every=1"),
+      _main_cmd(workdir, forever, "--config.checkpoint_every=1000", "--config.log_every=1"),
       cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 240
-  events = None
-  while time.time() < deadline and events is None:  # wait for the first logged step
+  while time.time() < deadline and len(_events_files(workdir)) < 2:
     time.sleep(0.5)
-    if workdir.exists():
-      events = next((f for f in os.listdir(workdir) if f.startswith("events.")), None)
   time.sleep(3)
   proc.send_signal(signal.SIGTERM)
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err[-3000:]
+  assert f"Resuming from checkpoint step {last}" in err
   assert "Preempted: saved step" in err
-  with ocp.CheckpointManager(workdir / "checkpoints") as mngr:
+  with ocp.CheckpointManager(ckpts) as mngr:
     stopped = mngr.latest_step()
-  assert stopped is not None and stopped > 0
-  # Resume to a few steps past the stop (through T_q=5 when stopped before it), and compare
-  # with a run that was never interrupted.
-  end = ["--config.checkpoint_every=1000", f"--config.num_train_steps={max(stopped, 5) + 3}"]
+  assert stopped is not None and stopped >= last
+
+  # Resume a few steps past the stop, and compare with a run never interrupted.
+  end = ["--config.checkpoint_every=1000", f"--config.num_train_steps={stopped + 3}"]
   for w in (workdir, straight):
     out = subprocess.run(_main_cmd(w, *end), cwd=REPO, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert (f"Resuming from checkpoint step {stopped}" in out.stderr) == (w == workdir)
   step_a, params_a = _restore_params(workdir)
   step_b, params_b = _restore_params(straight)
-  assert step_a == step_b == max(stopped, 5) + 3
+  assert step_a == step_b == stopped + 3
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
                params_a, params_b)
 
 
+@pytest.mark.slow
 def test_relative_workdir(tiny, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   tiny.num_train_steps = 3
@@ -238,12 +235,17 @@ def test_relative_workdir(tiny, tmp_path, monkeypatch):
   assert (tmp_path / "relative" / "run" / "checkpoints" / "3").is_dir()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", ["hungarian", "auction"])
 def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
   tiny.quantizer.solver = solver
   tiny.quantizer.validate_every = 2
   tiny.eval.evaluators = ("reconstruction",)  # the distinct-code counts come from it
+  if solver == "auction":
+    # The auction's step compiles slowly on a CPU: one quantized variant (no GAN phase)
+    # is enough to validate it; the exact solver runs the whole tiny schedule.
+    tiny.loss.adversarial_weight = 0.0
   results = runner.run(tiny, str(tmp_path / "m"))
   # Every image uses exactly L distinct codes once quantization is on.
   assert results["eval/ema/distinct_codes_max"] == tiny.model.num_latents
