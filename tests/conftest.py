@@ -36,7 +36,8 @@ def pytest_unconfigure(config):
 # Tests that share an expensive fixture go to one xdist worker (`--dist loadgroup` in
 # setup.cfg), so it is computed once per session instead of once per worker: the trained
 # tiny run (its readers are slow tests: the run trains every phase first) and the
-# scale-out tests' one-device reference.
+# scale-out tests' one-device reference. Tests that run the unchanged tiny config's steps
+# join the first group by their own xdist_group mark, for its compiled steps.
 _GROUPS = {"trained_tiny_run": "trained_tiny", "trained_tiny": "trained_tiny",
            "trained_copy": "trained_tiny", "one_device": "scale_out"}
 

@@ -105,6 +105,7 @@ def test_gan_terms_switch_on_only_from_the_start_step(tiny):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_tiny")  # the shared run's compiled steps
 def test_run_switches_phases_by_step(tiny, tmp_path):
   tiny.num_train_steps = 5
   tiny.loss.disc_start_step = 4

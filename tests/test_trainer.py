@@ -228,6 +228,7 @@ def test_sigkill_then_sigterm_resume_exactly(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("trained_tiny")  # the shared run's compiled steps
 def test_relative_workdir(tiny, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   tiny.num_train_steps = 3
@@ -236,7 +237,9 @@ def test_relative_workdir(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", ["hungarian", "auction"])
+# The exact solver's run is the tiny config's steps: on the shared run's worker.
+@pytest.mark.parametrize("solver", [
+    pytest.param("hungarian", marks=pytest.mark.xdist_group("trained_tiny")), "auction"])
 def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
   tiny.quantizer.solver = solver
