@@ -4,7 +4,7 @@
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
   python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
-  python benchmarks/faces_study.py --runs=default,tq900,batch4,long   # full schedules
+  python benchmarks/faces_study.py --runs=default,tq900,batch4,long,batch4_late  # full runs
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
@@ -112,6 +112,13 @@ RUNS = {
                     "--config.codebook_init.history_steps=64",
                     "--config.codebook_init.reinit_steps=(1900,)",
                     "--config.loss.disc_start_step=2550", "--config.eval_every=1750"]),
+    # Batch 4 on the default schedule (T_q 1,400, re-init 1,650, GAN from 1,900), every
+    # phase at the same images seen (x 3500/2200).
+    "batch4_late": ("", ["--config.batch_size=4", "--config.num_train_steps=3500",
+                         "--config.codebook_init.start_step=2227",
+                         "--config.codebook_init.history_steps=64",
+                         "--config.codebook_init.reinit_steps=(2625,)",
+                         "--config.loss.disc_start_step=3023", "--config.eval_every=1750"]),
     "long": ("long", []),
 }
 SETS = {
