@@ -37,9 +37,11 @@ def pytest_unconfigure(config):
 # setup.cfg), so it is computed once per session instead of once per worker: the trained
 # tiny run (its readers are slow tests: the run trains every phase first) and the
 # scale-out tests' one-device reference. Tests that run the unchanged tiny config's steps
-# join the first group by their own xdist_group mark, for its compiled steps.
+# join the first group by the SHARES_TINY_STEPS mark, for its compiled steps.
 _GROUPS = {"trained_tiny_run": "trained_tiny", "trained_tiny": "trained_tiny",
            "trained_copy": "trained_tiny", "one_device": "scale_out"}
+# The mark for a test that runs the unchanged tiny config: it reuses the shared run's steps.
+SHARES_TINY_STEPS = pytest.mark.xdist_group(_GROUPS["trained_tiny"])
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's hook turns the groups into node ids

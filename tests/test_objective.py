@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import SHARES_TINY_STEPS
 from pivq_jax import checkpoints
 from pivq_jax import compile_cache
 from pivq_jax import config_lib
@@ -105,7 +106,7 @@ def test_gan_terms_switch_on_only_from_the_start_step(tiny):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("trained_tiny")  # the shared run's compiled steps
+@SHARES_TINY_STEPS
 def test_run_switches_phases_by_step(tiny, tmp_path):
   tiny.num_train_steps = 5
   tiny.loss.disc_start_step = 4

@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import REPO
+from conftest import SHARES_TINY_STEPS
 from conftest import fid_weights
 from conftest import subprocess_env
 from pivq_jax import config_lib
@@ -228,7 +229,7 @@ def test_sigkill_then_sigterm_resume_exactly(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("trained_tiny")  # the shared run's compiled steps
+@SHARES_TINY_STEPS
 def test_relative_workdir(tiny, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
   tiny.num_train_steps = 3
@@ -237,9 +238,9 @@ def test_relative_workdir(tiny, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-# The exact solver's run is the tiny config's steps: on the shared run's worker.
+# The exact solver's run is the unchanged tiny config's.
 @pytest.mark.parametrize("solver", [
-    pytest.param("hungarian", marks=pytest.mark.xdist_group("trained_tiny")), "auction"])
+    pytest.param("hungarian", marks=SHARES_TINY_STEPS), "auction"])
 def test_matching_run_validates_against_exact_hungarian(tiny, tmp_path, solver):
   tiny.quantizer.assignment = "matching"
   tiny.quantizer.solver = solver
