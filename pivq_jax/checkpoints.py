@@ -130,7 +130,16 @@ def manager(workdir, *, keep: int) -> ocp.CheckpointManager:
 def restore_or_keep(mngr: ocp.CheckpointManager, state, shardings, *,
                     set_aside: bool = False):
   """The latest readable checkpoint restored into `state`'s layout, or `state` when there is
-  none.
+  none (see `restore_latest`)."""
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state, shardings)
+  restored = restore_latest(mngr, abstract, set_aside=set_aside)
+  return state if restored is None else restored
+
+
+def restore_latest(mngr: ocp.CheckpointManager, abstract, *, set_aside: bool = False):
+  """The latest readable checkpoint restored into `abstract` (ShapeDtypeStructs with
+  shardings), or None when there is none; nothing is compiled or initialised for it.
 
   An unreadable or non-finite checkpoint is reported in one sentence and the previous one
   tried; none is ever deleted. `set_aside` (training) renames a bad one to
@@ -138,9 +147,7 @@ def restore_or_keep(mngr: ocp.CheckpointManager, state, shardings, *,
   """
   steps = sorted(mngr.all_steps(), reverse=True)
   if not steps:
-    return state
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state, shardings)
+    return None
   shapes = lambda tree: sorted(tuple(x.shape) for x in jax.tree.leaves(tree))
   problems = []
   for step in steps:

@@ -101,9 +101,13 @@ class Experiment:
     self.writer = metric_writers.create_default_writer(
         self.output_dir, just_logging=jax.process_index() > 0 or not writable,
         asynchronous=False)
-    state, self.shardings = train_state.create_train_state(c, self.modules, self.mesh)
-    state = checkpoints.restore_or_keep(self.mngr, state, self.shardings,
-                                        set_aside=self.mode == "train")
+    built = train_state.abstract_train_state(c, self.modules, self.mesh)
+    self.shardings = built[2]
+    # A checkpoint is restored into the abstract state: resuming, eval, sampling and export
+    # never compile or run the init (and a checkpoint of another layout is refused first).
+    state = checkpoints.restore_latest(self.mngr, built[1], set_aside=self.mode == "train")
+    if state is None:
+      state, _ = train_state.create_train_state(c, self.modules, self.mesh, built=built)
     if self.mode == "train":
       checkpoints.check_workdir_config(self.workdir, c)
     return state

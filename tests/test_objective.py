@@ -227,3 +227,16 @@ def test_whole_train_state_round_trips_through_a_checkpoint(tiny, tmp_path):
                "disc_opt_state", "history"):
     assert _trees_equal(getattr(restored, name), getattr(state, name)), name
   assert not _trees_equal(fresh.disc_params, state.disc_params)
+
+
+@pytest.mark.slow
+@_SHARED_STEPS
+def test_init_compiled_at_o1_on_cpu_gives_the_default_compiles_bits(tiny):
+  """create_train_state compiles the init with LLVM -O1 on a CPU to save compile time; the
+  params, EMA, optimizer and D states must be bit for bit those of a default compile."""
+  _, _, state, shardings, _, _, _ = _setup(tiny)
+  init, _, _ = train_state.abstract_train_state(tiny, train_state.build_modules(tiny),
+                                                experiment.make_mesh(tiny))
+  reference = jax.jit(init, out_shardings=shardings)(jax.random.key(tiny.seed))
+  assert jax.tree.structure(reference) == jax.tree.structure(state)
+  assert _trees_equal(reference, state)

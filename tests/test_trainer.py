@@ -19,6 +19,7 @@ from conftest import fid_weights
 from conftest import subprocess_env
 from pivq_jax import config_lib
 from pivq_jax import runner
+from pivq_jax import train_state
 from pivq_jax.evaluators import generative as generative_evaluator
 from pivq_jax.quantizers import matching_check
 from pivq_jax.data import faces
@@ -61,8 +62,11 @@ def test_resume_equals_uninterrupted_run(tiny, tmp_path, trained_tiny_run):
                params_a, params_b)
 
 
-def test_rerun_of_a_finished_run_does_not_retrain(tiny, trained_copy):
+def test_rerun_of_a_finished_run_does_not_retrain(tiny, trained_copy, monkeypatch):
   _, before = _restore_params(trained_copy)
+  # A resumed run restores into the abstract state: the init is never compiled nor run.
+  monkeypatch.setattr(train_state, "create_train_state",
+                      lambda *a, **k: pytest.fail("a resumed run initialised a state"))
   results = runner.run(tiny, trained_copy)
   _, after = _restore_params(trained_copy)
   jax.tree.map(np.testing.assert_array_equal, before, after)
@@ -76,10 +80,13 @@ def test_workdir_with_another_config_is_refused(tiny, trained_copy):
   assert "\n" not in str(e.value)
 
 
-def test_checkpoint_of_another_train_state_layout_is_refused(tiny, trained_copy):
+def test_checkpoint_of_another_train_state_layout_is_refused(tiny, trained_copy,
+                                                             monkeypatch):
   # Not a model field, so the workdir's identity holds, but the history buffer in the
-  # train state has another shape: refused before any restore.
+  # train state has another shape: refused before any restore, and before compiling.
   tiny.codebook_init.history_steps = 3
+  monkeypatch.setattr(train_state, "create_train_state",
+                      lambda *a, **k: pytest.fail("the init compiled before the refusal"))
   with pytest.raises(config_lib.ConfigError, match="does not fit this config") as e:
     runner.run(tiny, trained_copy)
   assert "\n" not in str(e.value)
