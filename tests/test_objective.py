@@ -12,10 +12,10 @@ import pytest
 
 from conftest import SHARES_TINY_STEPS
 from pivq_jax import checkpoints
-from pivq_jax import compile_cache
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax import runner
+from pivq_jax import sharding as sharding_lib
 from pivq_jax import train_state
 from pivq_jax.modes import train_pivq
 from pivq_jax.quantizers import codebook_init
@@ -26,17 +26,29 @@ from pivq_jax.losses import lpips
 
 
 def _setup(config):
+  config_lib.check_config(config, num_devices=jax.device_count())  # as runner.run does
   mesh = experiment.make_mesh(config)
   modules = train_state.build_modules(config)
   model, disc, tx = modules.model, modules.disc, modules.tx
-  state, shardings = train_state.create_train_state(config, modules, mesh)
+  with jax.set_mesh(mesh):  # as in runner.run, so the tiny run's compiled init is reused
+    state, shardings = train_state.create_train_state(config, modules, mesh)
   source = pipeline.make_source(config.data, "train")
   batch = next(pipeline.train_batches(source, local_batch=config.batch_size, seed=0))
   lp = lpips.load_lpips_params(config.loss.lpips_net)
-  # Not donating (tests reuse the state), and shared by the tests of one config.
-  step = lambda q, a: compile_cache.jit("test_objective_step", config, mesh, lambda: jax.jit(
-      functools.partial(train_pivq.train_step, model=model, disc=disc, tx=tx,
-                        config=config, quantize=q, adversarial_on=a)), q, a)
+
+  def step(q, a):
+    """The loop's own compiled step (the tiny run on this worker compiled it already); it
+    donates the state and the tests reuse theirs, so each call gets a copy."""
+    f = train_pivq.jit_train_step(config, modules, shardings, mesh, quantize=q,
+                                  adversarial_on=a)
+
+    def call(s, b, l):  # the arguments placed and traced as in runner.run
+      with jax.set_mesh(mesh):
+        return f(jax.tree.map(jnp.copy, s),
+                 sharding_lib.global_batch(b, sharding_lib.batch_sharding(mesh)),
+                 jax.device_put(l, sharding_lib.replicated(mesh)))
+    return call
+
   return model, disc, state, shardings, batch, lp, step
 
 
@@ -44,8 +56,8 @@ def _trees_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-# The tests of the unchanged tiny config share its compiled steps (same xdist worker).
-_SHARED_STEPS = pytest.mark.xdist_group("objective_tiny")
+# The tests of the unchanged tiny config share the tiny run's compiled steps (its worker).
+_SHARED_STEPS = SHARES_TINY_STEPS
 
 
 @pytest.mark.slow
@@ -219,8 +231,9 @@ def test_whole_train_state_round_trips_through_a_checkpoint(tiny, tmp_path):
 
   mngr.save(1, args=ocp.args.StandardSave(state))
   mngr.wait_until_finished()
-  fresh, _ = train_state.create_train_state(tiny, train_state.build_modules(tiny),
-                                            experiment.make_mesh(tiny))
+  mesh = experiment.make_mesh(tiny)
+  with jax.set_mesh(mesh):  # the init compiled by _setup
+    fresh, _ = train_state.create_train_state(tiny, train_state.build_modules(tiny), mesh)
   restored = checkpoints.restore_or_keep(mngr, fresh, shardings)
   assert jax.tree.structure(restored) == jax.tree.structure(state)
   for name in ("step", "params", "ema_params", "opt_state", "disc_params", "disc_stats",
