@@ -120,6 +120,14 @@ RUNS = {
                          "--config.codebook_init.reinit_steps=(2625,)",
                          "--config.loss.disc_start_step=3023", "--config.eval_every=1750"]),
     "long": ("long", []),
+    # The default with one knob changed: a second seed (the noise of a full run), then the
+    # parts of the quantizer schedule not swept above: beta, the k-means history W, the
+    # re-init, the GAN's weight.
+    "seed1": ("", ["--config.seed=1"]),
+    "beta1": ("", ["--config.quantizer.beta=1.0"]),
+    "w8": ("", ["--config.codebook_init.history_steps=8"]),
+    "no_reinit": ("", ["--config.codebook_init.reinit_steps=()"]),
+    "gan_w0.3": ("", ["--config.loss.adversarial_weight=0.3"]),
 }
 SETS = {
     "round6": ["groups1", "groups4", "batch4", "batch2"],
