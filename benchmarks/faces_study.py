@@ -385,6 +385,7 @@ def full_runs(names: list[str], path: str, png: str) -> None:
                        **_run_curves(workdir)}
       with open(path, "w") as f:
         json.dump(results, f, indent=1)
+      _plot_runs(results, png)  # after each run: an interrupted study still shows its curves
   _plot_runs(results, png)
 
 
