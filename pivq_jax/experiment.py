@@ -102,10 +102,10 @@ class Experiment:
         self.output_dir, just_logging=jax.process_index() > 0 or not writable,
         asynchronous=False)
     built = train_state.abstract_train_state(c, self.modules, self.mesh)
-    self.shardings = built[2]
+    _, abstract, self.shardings = built
     # A checkpoint is restored into the abstract state: resuming, eval, sampling and export
     # never compile or run the init (and a checkpoint of another layout is refused first).
-    state = checkpoints.restore_latest(self.mngr, built[1], set_aside=self.mode == "train")
+    state = checkpoints.restore_latest(self.mngr, abstract, set_aside=self.mode == "train")
     if state is None:
       state, _ = train_state.create_train_state(c, self.modules, self.mesh, built=built)
     if self.mode == "train":

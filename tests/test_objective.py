@@ -56,12 +56,8 @@ def _trees_equal(a, b):
   return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-# The tests of the unchanged tiny config share the tiny run's compiled steps (its worker).
-_SHARED_STEPS = SHARES_TINY_STEPS
-
-
 @pytest.mark.slow
-@_SHARED_STEPS
+@SHARES_TINY_STEPS
 def test_step_adaptive_weight_equals_direct_autodiff_through_the_model(tiny):
   model, disc, state, _, batch, lp, step = _setup(tiny)
   # A steeper D output makes ||dL_G/dW|| large, so the ratio is below the clamp at 1 and
@@ -101,7 +97,7 @@ def test_step_adaptive_weight_equals_direct_autodiff_through_the_model(tiny):
 
 
 @pytest.mark.slow
-@_SHARED_STEPS
+@SHARES_TINY_STEPS
 def test_gan_terms_switch_on_only_from_the_start_step(tiny):
   _, _, state, _, batch, lp, step = _setup(tiny)
   off_state, off = step(True, False)(state, batch, lp)
@@ -180,7 +176,7 @@ def test_kmeans_centroids_lie_on_the_data_and_beat_random_init():
 
 
 @pytest.mark.slow
-@_SHARED_STEPS
+@SHARES_TINY_STEPS
 def test_codebook_init_fits_the_history_and_logs_usage(tiny):
   _, _, state, _, batch, lp, step = _setup(tiny)
   f = step(False, False)
@@ -223,7 +219,7 @@ def test_bfloat16_compute_keeps_float32_params(tiny):
 
 
 @pytest.mark.slow
-@_SHARED_STEPS
+@SHARES_TINY_STEPS
 def test_whole_train_state_round_trips_through_a_checkpoint(tiny, tmp_path):
   model, disc, state, shardings, batch, lp, step = _setup(tiny)
   state, _ = step(True, True)(state, batch, lp)  # every part of the state is non-trivial
@@ -243,7 +239,7 @@ def test_whole_train_state_round_trips_through_a_checkpoint(tiny, tmp_path):
 
 
 @pytest.mark.slow
-@_SHARED_STEPS
+@SHARES_TINY_STEPS
 def test_init_compiled_at_o1_on_cpu_gives_the_default_compiles_bits(tiny):
   """create_train_state compiles the init with LLVM -O1 on a CPU to save compile time; the
   params, EMA, optimizer and D states must be bit for bit those of a default compile."""
