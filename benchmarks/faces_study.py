@@ -4,7 +4,7 @@
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
   python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
-  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,beta1,w8,gan_w0.3,long  # full runs
+  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,beta1,w8,gan_w0.3,tq1700,long  # full runs
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
@@ -98,6 +98,11 @@ VARIANTS = {
     "groups4": dict(_SHORT, **{"model.norm_groups": 4}),
     "batch4": dict(_UNQ, **{"batch_size": 4, "num_train_steps": 800}),
     "batch2": dict(_UNQ, **{"batch_size": 2, "num_train_steps": 1600}),
+    # Round 8: cheaper trunks. Capacity is not the limit (round 1), so a narrower trunk at
+    # the high-resolution levels may learn as fast per step at a fraction of the step's cost.
+    "nf8": dict(_UNQ, **{"model.nf": 8, "model.ch_mult": (1, 2, 4, 8)}),
+    "nf8_batch4": dict(_UNQ, **{"model.nf": 8, "model.ch_mult": (1, 2, 4, 8),
+                                "batch_size": 4, "num_train_steps": 800}),
 }
 # Full schedules through the main command: name -> (config argument, overrides).
 RUNS = {
@@ -128,8 +133,14 @@ RUNS = {
     "w8": ("", ["--config.codebook_init.history_steps=8"]),
     "no_reinit": ("", ["--config.codebook_init.reinit_steps=()"]),
     "gan_w0.3": ("", ["--config.loss.adversarial_weight=0.3"]),
+    # Quantizing later still (the one lever past the noise, finding 11): T_q 1,700,
+    # re-init 1,900, GAN from 2,000.
+    "tq1700": ("", ["--config.codebook_init.start_step=1700",
+                    "--config.codebook_init.reinit_steps=(1900,)",
+                    "--config.loss.disc_start_step=2000"]),
 }
 SETS = {
+    "round8": ["nf8", "nf8_batch4"],
     "round6": ["groups1", "groups4", "batch4", "batch2"],
     "round5": ["output_pos1", "positions1", "base_seed1"],
     "round4": ["convae_lr1e-3", "warmup_lr1e-3", "warmup_lr1e-3_clip1"],
@@ -397,7 +408,7 @@ def _plot_runs(results: dict, png: str) -> None:
   fig, ax = plt.subplots(figsize=(8, 5))
   for i, (name, r) in enumerate(results.items()):
     batch = r["batch_size"]
-    color = plt.get_cmap("tab10").colors[i]
+    color = plt.get_cmap("tab20").colors[i % 20]
     steps, psnr = np.asarray(r["train/psnr"]).T
     k = 5  # train PSNR is per batch: a running mean over 5 logs
     smooth = np.convolve(psnr, np.ones(k) / k, mode="valid")
