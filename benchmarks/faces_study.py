@@ -4,7 +4,7 @@
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
   python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
-  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,beta1,w8,gan_w0.3,tq1700,long  # full runs
+  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,batch4_late_seed1,beta1,w8,gan_w0.3,tq1700,long
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
@@ -135,6 +135,14 @@ RUNS = {
     "gan_w0.3": ("", ["--config.loss.adversarial_weight=0.3"]),
     # Quantizing later still (the one lever past the noise, finding 11): T_q 1,700,
     # re-init 1,900, GAN from 2,000.
+    # A second seed of batch4_late (finding 13: +0.34 dB on one seed).
+    "batch4_late_seed1": ("", ["--config.seed=1", "--config.batch_size=4",
+                               "--config.num_train_steps=3500",
+                               "--config.codebook_init.start_step=2227",
+                               "--config.codebook_init.history_steps=64",
+                               "--config.codebook_init.reinit_steps=(2625,)",
+                               "--config.loss.disc_start_step=3023",
+                               "--config.eval_every=1750"]),
     "tq1700": ("", ["--config.codebook_init.start_step=1700",
                     "--config.codebook_init.reinit_steps=(1900,)",
                     "--config.loss.disc_start_step=2000"]),
