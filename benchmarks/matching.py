@@ -6,7 +6,9 @@
 
 Methods: "nearest" (distance matmul + argmin: the floor, not a valid matching),
 "auction" (on device), "hungarian" (`assign`'s exact host path: per-image dense, column-
-union or sparse JV, threaded), "scipy" (dense `linear_sum_assignment` one image after
+union or sparse JV, threaded, its choice's statistics computed on device), "scipy_callback"
+(scipy's dense solver one image after another through the same jitted host callback:
+"hungarian"'s like for like), "scipy" (dense `linear_sum_assignment` one image after
 another: the exact optimum every gap is measured against), "scipy_threads" (the same in
 threads), "sparse" (sparse JV on L-nearest lists, threaded), "sinkhorn" (ott-jax +
 greedy repair). Host methods other than "hungarian" are timed on host arrays.
@@ -41,8 +43,8 @@ from pivq_jax.quantizers import vq
 
 SIZES = {"paper": (512, 4096, 256), "faces": (32, 256, 64)}  # L, K, D
 FAMILIES = ("random", "collapsed49", "collapsed8", "collapsed1")
-METHODS = ("nearest", "auction", "hungarian", "scipy", "scipy_threads", "sparse",
-           "sinkhorn")
+METHODS = ("nearest", "auction", "hungarian", "scipy_callback", "scipy", "scipy_threads",
+           "sparse", "sinkhorn")
 HOST = {"scipy": dict(method="dense", threads=1), "scipy_threads": dict(method="dense"),
         "sparse": dict(method="sparse")}
 
@@ -75,11 +77,20 @@ def euclidean(z, codebook):
   return jnp.sqrt(jnp.maximum(vq.squared_distances(z, codebook), 0.0))
 
 
+def _scipy_loop(cost):
+  return matching_host.solve(np.asarray(cost), method="dense", threads=1)
+
+
 def solver_fn(method):
+  if method == "scipy_callback":  # "hungarian"'s like for like: the same jitted callback
+    return lambda cost: jax.pure_callback(
+        _scipy_loop, jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32), cost,
+        vmap_method="expand_dims")
   if method == "nearest":  # from latents and codebook: the distance matmul included
     return lambda z, codebook: jnp.argmin(vq.squared_distances(z, codebook),
                                           axis=-1).astype(jnp.int32)
-  return functools.partial(matching.assign, solver=method)
+  # check_finite=False as the train step calls it (its own finite check stops a run).
+  return functools.partial(matching.assign, solver=method, check_finite=False)
 
 
 def time_method(method, cost, z, codebook, repeats):

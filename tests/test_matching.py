@@ -1,5 +1,7 @@
 """Matching solvers (PI-VQ paper §3.4): one-to-one and optimal against scipy."""
 
+from unittest import mock
+
 import hypothesis
 from hypothesis import strategies as st
 import hypothesis.extra.numpy as hnp
@@ -173,7 +175,9 @@ _HOST = ("dense", "union", "sparse", "auto")
 
 
 def _check_host(cost, method, **kw):
-  codes = matching_host.solve(cost, method=method, **kw)
+  # "auto" screens every size here (by default small images skip the screen: dense).
+  with mock.patch.object(matching_host, "SCREEN_MIN_ENTRIES", 0):
+    codes = matching_host.solve(cost, method=method, **kw)
   _check(cost, codes, exact=True)
 
 
@@ -229,3 +233,37 @@ def test_rejects_bad_arguments():
     matching.assign(jnp.zeros((1, 5, 4)))
   with pytest.raises(ValueError, match="Unknown matching solver"):
     matching.assign(jnp.zeros((1, 2, 4)), solver="greedy")
+
+
+def test_union_columns_hold_every_latents_nearest_list():
+  """The cheap superset `union` solves on holds each latent's L nearest codes (what makes
+  it exact) and, for collapsed latents, is about the lists' union."""
+  rng = np.random.default_rng(8)
+  cb = rng.normal(size=(300, 8)).astype(np.float32)
+  spread = _euclidean(rng.normal(size=(2, 24, 8)), cb)
+  one = _euclidean(cb[np.zeros((2, 24), int)] + 1e-3 * rng.normal(size=(2, 24, 8)), cb)
+  tied = rng.integers(0, 3, (1, 24, 300)).astype(np.float32)
+  for c in np.concatenate([spread, one, tied]):
+    cols = matching_host.union_columns(c)
+    lists = np.argsort(c, axis=1, kind="stable")[:, :24]
+    assert np.isin(lists, cols).all()
+    # Every code tied with a latent's L-th nearest is in too (any tie-break is covered).
+    assert np.isin(np.flatnonzero((c <= np.sort(c, axis=1)[:, 23:24]).any(0)), cols).all()
+  assert len(matching_host.union_columns(one[0])) < 2 * 24 < len(
+      matching_host.union_columns(spread[0]))
+
+
+def test_small_images_skip_the_screen(monkeypatch):
+  """Below SCREEN_MIN_ENTRIES "auto" is the dense loop (the faces size); above, the screen
+  routes collapsed images to the union solver."""
+  rng = np.random.default_rng(9)
+  cb = rng.normal(size=(256, 8)).astype(np.float32)
+  cost = _euclidean(cb[np.zeros((2, 32), int)] + 1e-3 * rng.normal(size=(2, 32, 8)), cb)
+  calls = []
+  monkeypatch.setattr(matching_host, "union",
+                      lambda c, cols=None: calls.append(1) or matching_host.dense(c))
+  _check(cost, matching_host.solve(cost), exact=True)
+  assert not calls
+  monkeypatch.setattr(matching_host, "SCREEN_MIN_ENTRIES", 0)
+  _check(cost, matching_host.solve(cost), exact=True)
+  assert len(calls) == 2

@@ -5,18 +5,21 @@ Lemma: some optimal assignment puts every latent on one of its own L nearest cod
 latent sitting elsewhere has one of its L nearest free, as only L-1 other latents exist,
 and moving there does not raise the cost; ties included). So three exact solvers:
   - "dense": scipy's `linear_sum_assignment` on the full L x K cost;
-  - "union": the same on the columns that are in some latent's L-nearest list. When the
-    latents collapse onto a few codes their lists coincide and this is about L x 1.05 L;
+  - "union": the same on the columns that hold some latent's L-nearest list (a cheap
+    superset, `union_columns`). When the latents collapse onto a few codes their lists
+    coincide and this is about L x 1.05 L;
   - "sparse": a sparse Jonker-Volgenant (`min_weight_full_bipartite_matching`) on the
     L-nearest lists only, L^2 edges.
 "auto" picks per image from cheap statistics of the cost (`choose`; the thresholds are
 measured, docs/benchmarks.md "Matching solvers"): dense JV is fastest when latents rarely
-share a nearest code, and slows down sharply when they do.
+share a nearest code, and slows down sharply when they do. Small images (the faces size)
+skip the statistics and run dense JV.
 
 The images of a batch are solved in parallel threads: both scipy solvers release the GIL.
 """
 
 import concurrent.futures
+import functools
 import os
 
 import numpy as np
@@ -25,13 +28,17 @@ import scipy.sparse
 import scipy.sparse.csgraph
 
 # "auto" (see `choose`): dense unless at least SHARED_MIN of the latents share their
-# nearest code with another; then "union" when the lists' union has at most UNION_MAX_L * L
+# nearest code with another; then "union" when `union_columns` has at most UNION_MAX_L * L
 # codes, else "sparse" when K >= SPARSE_MIN_K * L and L * K >= SPARSE_MIN_ENTRIES (below
 # that scipy's per-call overhead or the dense part dominates), else dense.
 SHARED_MIN = 0.9  # Gaussian latents at 512x4096: 0.47-0.58 (hub codes); collapsed: 1
 UNION_MAX_L = 2.0
 SPARSE_MIN_K = 4
 SPARSE_MIN_ENTRIES = 1 << 17
+# Below this many cost entries per image (L * K), "auto" is the dense loop without a
+# screen: at the faces size (32 x 256) the screen costs ~30% of a dense solve, and a trained
+# faces encoder's latents never pass it (6-56% share a nearest code; docs/benchmarks.md).
+SCREEN_MIN_ENTRIES = 1 << 14
 # Solver threads: None = min(images, os.cpu_count()). 1 solves in the calling thread.
 THREADS = None
 # Below this many cost entries per batch a thread pool costs more than it saves.
@@ -61,11 +68,26 @@ def _lists(c):
   return np.argpartition(c, l - 1, axis=1)[:, :l]
 
 
-def union(c: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:
-  """Optimal codes int32[L] for one finite cost [L, K]: dense JV on the lists' union."""
-  l, k = c.shape
-  cand = _lists(c) if cand is None else cand
-  cols = np.flatnonzero(np.bincount(cand.ravel(), minlength=k))
+def union_columns(c: np.ndarray) -> np.ndarray:
+  """Sorted column ids holding every latent's L nearest codes, for one cost [L, K].
+
+  A superset of the lists' union, found without a partition per latent: one latent's L
+  nearest codes S bound every latent i's L-th nearest distance by t_i = max_{j in S}
+  c[i, j] (S holds L distinct codes), so each list lies in {j : c[i, j] <= t_i}. For
+  collapsed latents S is nearly everyone's list and the superset nearly the union; it
+  costs one pass over the cost instead of L partitions (a faces-size batch: ~30 us
+  against ~400 us).
+  """
+  l = c.shape[0]
+  s = np.argpartition(c[0], l - 1)[:l]
+  t = c[:, s].max(axis=1)
+  return np.flatnonzero((c <= t[:, None]).any(axis=0))
+
+
+def union(c: np.ndarray, cols: np.ndarray | None = None) -> np.ndarray:
+  """Optimal codes int32[L] for one finite cost [L, K]: dense JV on the columns of
+  `union_columns` (exact by the lemma: they hold every latent's L nearest)."""
+  cols = union_columns(c) if cols is None else cols
   out = dense(c[:, cols])
   return cols[out].astype(np.int32)
 
@@ -99,28 +121,35 @@ def sparse(c: np.ndarray, cand: np.ndarray | None = None) -> np.ndarray:
   return out
 
 
-def choose(c: np.ndarray) -> tuple[str, np.ndarray | None]:
+def _shared(near: np.ndarray, k: int) -> np.ndarray:
+  """Per image, the fraction of latents sharing their nearest code; near int[B, L]."""
+  b = near.shape[0]
+  flat = near + k * np.arange(b)[:, None]
+  return np.mean(np.bincount(flat.ravel(), minlength=b * k)[flat] > 1, axis=1)
+
+
+def choose(c: np.ndarray, shared: float | None = None) -> tuple[str, np.ndarray | None]:
   """The fastest exact solver for one finite cost [L, K] by measured rules, and the
-  candidate lists when it computed them."""
+  union's columns when it picked "union". `shared`: this image's `_shared`, if known."""
   l, k = c.shape
   if l < 2 or l == k:
     return "dense", None
-  near = np.argmin(c, axis=1)
-  shared = np.mean(np.bincount(near, minlength=k)[near] > 1)
+  if shared is None:
+    shared = _shared(np.argmin(c, axis=1)[None], k)[0]
   if shared < SHARED_MIN:
     return "dense", None
-  cand = _lists(c)
-  if np.count_nonzero(np.bincount(cand.ravel(), minlength=k)) <= UNION_MAX_L * l:
-    return "union", cand
+  cols = union_columns(c)
+  if len(cols) <= UNION_MAX_L * l:
+    return "union", cols
   if k >= SPARSE_MIN_K * l and l * k >= SPARSE_MIN_ENTRIES:
-    return "sparse", cand
+    return "sparse", None
   return "dense", None
 
 
-def auto(c: np.ndarray) -> np.ndarray:
+def auto(c: np.ndarray, shared: float | None = None) -> np.ndarray:
   """Optimal codes int32[L] for one finite cost [L, K], solver picked by `choose`."""
-  name, cand = choose(c)
-  return dense(c) if name == "dense" else SOLVERS[name](c, cand)
+  name, cols = choose(c, shared)
+  return union(c, cols) if name == "union" else SOLVERS[name](c)
 
 
 SOLVERS = {"dense": dense, "union": union, "sparse": sparse, "auto": auto}
@@ -138,12 +167,12 @@ def solve(cost: np.ndarray, *, method: str = "auto", threads: int | None = None
   finite = np.all(np.isfinite(cost.reshape(b, -1)), axis=1)
   todo = np.flatnonzero(finite)
   fns = [SOLVERS[method]] * b
-  if method == "auto" and 2 <= l < k and len(todo):
-    # `choose`'s first test for the whole batch at once: per-image statistics cost as
-    # much as a small image's solve (faces: 32 x 256).
-    near = np.argmin(cost, axis=2) + k * np.arange(b)[:, None]  # (NaN rows: unused)
-    shared = np.mean(np.bincount(near.ravel(), minlength=b * k)[near] > 1, axis=1)
-    fns = [dense if s < SHARED_MIN else auto for s in shared]
+  if method == "auto" and l * k < SCREEN_MIN_ENTRIES:
+    fns = [dense] * b
+  elif method == "auto" and 2 <= l < k and len(todo):
+    # `choose`'s first test for the whole batch at once: one argmin, one bincount.
+    shared = _shared(np.argmin(cost, axis=2), k)  # (NaN rows: unused)
+    fns = [dense if s < SHARED_MIN else functools.partial(auto, shared=s) for s in shared]
   threads = threads or THREADS or min(b, os.cpu_count() or 1)
   threads = min(threads, len(todo))
   if threads <= 1 or cost.size < MIN_PARALLEL_ENTRIES:
