@@ -4,7 +4,7 @@
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
   python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
-  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,batch4_late_seed1,beta1,w8,no_reinit,gan_w0.3,tq1700,long
+  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,batch4_late_seed1,beta1,w8,no_reinit,gan_w0.3,tq1700,k1024,k1024_seed1,long
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
@@ -143,6 +143,12 @@ RUNS = {
                                "--config.codebook_init.reinit_steps=(2625,)",
                                "--config.loss.disc_start_step=3023",
                                "--config.eval_every=1750"]),
+    # The default with a 4x codebook and k-means history (32 latents per code, as K = 256
+    # with W = 32): does a finer codebook cut what quantizing costs?
+    "k1024": ("", ["--config.quantizer.num_codes=1024",
+                   "--config.codebook_init.history_steps=128"]),
+    "k1024_seed1": ("", ["--config.seed=1", "--config.quantizer.num_codes=1024",
+                         "--config.codebook_init.history_steps=128"]),
     # `:long` with a 4x codebook (quantizing its 24.7 dB autoencoder with K = 256 cost ~4.5
     # dB of train PSNR at once) and a 4x k-means history (the same 32 latents per code).
     "long_k1024": ("long", ["--config.quantizer.num_codes=1024",
