@@ -6,7 +6,7 @@
 
 Methods: "nearest" (distance matmul + argmin: the floor, not a valid matching),
 "auction" (on device), "hungarian" (`assign`'s exact host path: per-image dense, column-
-union or sparse JV, threaded, its choice's statistics computed on device), "scipy_callback"
+union or sparse JV, threaded; small images straight to dense JV), "scipy_callback"
 (scipy's dense solver one image after another through the same jitted host callback:
 "hungarian"'s like for like), "scipy" (dense `linear_sum_assignment` one image after
 another: the exact optimum every gap is measured against), "scipy_threads" (the same in
@@ -78,7 +78,7 @@ def euclidean(z, codebook):
 
 
 def _scipy_loop(cost):
-  return matching_host.solve(np.asarray(cost), method="dense", threads=1)
+  return matching_host.solve(np.asarray(cost), **HOST["scipy"])
 
 
 def solver_fn(method):

@@ -128,11 +128,16 @@ def _shared(near: np.ndarray, k: int) -> np.ndarray:
   return np.mean(np.bincount(flat.ravel(), minlength=b * k)[flat] > 1, axis=1)
 
 
+def _screened(l: int, k: int) -> bool:
+  """Whether `choose` reads an [L, K] image's statistics at all (else: dense)."""
+  return 2 <= l < k and l * k >= SCREEN_MIN_ENTRIES
+
+
 def choose(c: np.ndarray, shared: float | None = None) -> tuple[str, np.ndarray | None]:
   """The fastest exact solver for one finite cost [L, K] by measured rules, and the
   union's columns when it picked "union". `shared`: this image's `_shared`, if known."""
   l, k = c.shape
-  if l < 2 or l == k:
+  if not _screened(l, k):
     return "dense", None
   if shared is None:
     shared = _shared(np.argmin(c, axis=1)[None], k)[0]
@@ -167,9 +172,7 @@ def solve(cost: np.ndarray, *, method: str = "auto", threads: int | None = None
   finite = np.all(np.isfinite(cost.reshape(b, -1)), axis=1)
   todo = np.flatnonzero(finite)
   fns = [SOLVERS[method]] * b
-  if method == "auto" and l * k < SCREEN_MIN_ENTRIES:
-    fns = [dense] * b
-  elif method == "auto" and 2 <= l < k and len(todo):
+  if method == "auto" and _screened(l, k) and len(todo):
     # `choose`'s first test for the whole batch at once: one argmin, one bincount.
     shared = _shared(np.argmin(cost, axis=2), k)  # (NaN rows: unused)
     fns = [dense if s < SHARED_MIN else functools.partial(auto, shared=s) for s in shared]
