@@ -96,23 +96,29 @@ def test_adaptive_weight_from_last_layer_grads_equals_direct_autodiff():
   """The cheap kernel gradients (conv input + dL/dx_hat) equal autodiff through a decoder."""
   dec = trunk.Decoder(nf=16, ch_mult=(1, 2), res_blocks=1, attn_resolutions=(), norm_groups=8)
   disc = discriminator.PatchDiscriminator(ndf=8, n_layers=2)
-  h = jax.random.normal(jax.random.key(0), (3, 8, 8, 16))
-  x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))
-  params = dec.init(jax.random.key(2), h)["params"]
-  d_vars = disc.init(jax.random.key(3), x)
-  nll = lambda x_hat: jnp.mean(jnp.abs(x - x_hat)) + jnp.mean((x - x_hat) ** 2)
-  g = lambda x_hat: adversarial.hinge_g_loss(disc.apply(d_vars, x_hat, mutable=True)[0])
 
-  def with_kernel(loss, kernel):
-    p = dict(params, conv_out=dict(params["conv_out"], kernel=kernel))
-    return loss(dec.apply({"params": p}, h))
+  @jax.jit  # one compile, not one per op
+  def both_ways():
+    h = jax.random.normal(jax.random.key(0), (3, 8, 8, 16))
+    x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))
+    params = dec.init(jax.random.key(2), h)["params"]
+    d_vars = disc.init(jax.random.key(3), x)
+    nll = lambda x_hat: jnp.mean(jnp.abs(x - x_hat)) + jnp.mean((x - x_hat) ** 2)
+    g = lambda x_hat: adversarial.hinge_g_loss(disc.apply(d_vars, x_hat, mutable=True)[0])
 
-  kernel = params["conv_out"]["kernel"]
-  direct = [jax.grad(functools.partial(with_kernel, loss))(kernel) for loss in (nll, g)]
-  x_hat, inter = dec.apply({"params": params}, h, mutable=["intermediates"])
-  feats = inter["intermediates"]["final_conv_input"][0]
-  cheap = adversarial.last_layer_grads(feats, kernel, params["conv_out"]["bias"],
-                                       [jax.grad(nll)(x_hat), jax.grad(g)(x_hat)])
+    def with_kernel(loss, kernel):
+      p = dict(params, conv_out=dict(params["conv_out"], kernel=kernel))
+      return loss(dec.apply({"params": p}, h))
+
+    kernel = params["conv_out"]["kernel"]
+    direct = [jax.grad(functools.partial(with_kernel, loss))(kernel) for loss in (nll, g)]
+    x_hat, inter = dec.apply({"params": params}, h, mutable=["intermediates"])
+    feats = inter["intermediates"]["final_conv_input"][0]
+    cheap = adversarial.last_layer_grads(feats, kernel, params["conv_out"]["bias"],
+                                         [jax.grad(nll)(x_hat), jax.grad(g)(x_hat)])
+    return direct, cheap
+
+  direct, cheap = both_ways()
   for a, b in zip(direct, cheap):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
   w_direct = adversarial.adaptive_weight(*direct)

@@ -128,17 +128,22 @@ def test_run_switches_phases_by_step(tiny, tmp_path):
 
 
 @pytest.mark.slow
+@SHARES_TINY_STEPS
 def test_ema_is_a_decayed_average_every_n_steps(tiny):
-  tiny.ema.update(decay=0.9, every=2)
+  decay, every = tiny.ema.decay, tiny.ema.every  # the tiny run's own step: 0.99 every 2
+  assert every == 2
   _, _, state, _, batch, lp, step = _setup(tiny)
   f = step(False, False)
   init = jax.tree.map(np.asarray, state.params)
   s1, _ = f(state, batch, lp)
   assert _trees_equal(s1.ema_params, init)  # step 1 of every 2: no update
   s2, _ = f(s1, batch, lp)
-  expect = jax.tree.map(lambda e, p: 0.9 * e + 0.1 * np.asarray(p), init, s2.params)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
-               s2.ema_params, expect)
+  ema = lambda d: jax.tree.map(lambda e, p: d * e + (1 - d) * np.asarray(p), init, s2.params)
+  close = lambda a, b: all(np.allclose(x, y, rtol=1e-6, atol=1e-7)
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert close(s2.ema_params, ema(decay))
+  # The bound tells the decay apart: neither no update nor another decay passes it.
+  assert not close(s2.ema_params, init) and not close(s2.ema_params, ema(0.9))
 
 
 def test_history_is_a_ring_of_the_last_w_steps():

@@ -84,6 +84,7 @@ _PLANS = (("celeba64", 8), ("ffhq", 32))  # ffhq's model and step are celebahq's
 
 
 @pytest.mark.slow
+@pytest.mark.subprocesses
 def test_paper_configs_plan_on_8_and_32_fake_devices(tmp_path):
   import os, subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   from conftest import REPO  # pylint: disable=g-import-not-at-top

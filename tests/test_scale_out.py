@@ -83,16 +83,22 @@ def _assert_same_training(results, reference):
   assert results["eval/ema/distinct_codes_max"] == reference["eval/ema/distinct_codes_max"]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("mesh", [dict(data=8), dict(data=1, fsdp=4, model=2)],
-                         ids=["data8", "fsdp4-model2"])
-def test_eight_fake_devices_train_like_one_and_never_recompile(tmp_path, one_device, mesh):
-  results, log = _results(_launch(tmp_path / "run", mesh, devices=8))
-  _assert_same_training(results, one_device)
+def _assert_compiled_once_per_phase(log):
   # One compile per phase of the step (plain, quantized + GAN), each at its first step: a
   # later step with other shardings or shapes would compile again.
   compiles = re.findall(r"Compiling jit\(train_step\)", log)
   assert len(compiles) == 2, log[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.subprocesses
+def test_eight_fake_devices_train_like_one_and_never_recompile(tmp_path, one_device):
+  # Parameters split over fsdp and model, the batch over fsdp. A pure data mesh is the
+  # two-process test's (data = 4 devices over 2 processes).
+  mesh = dict(data=1, fsdp=4, model=2)
+  results, log = _results(_launch(tmp_path / "run", mesh, devices=8))
+  _assert_same_training(results, one_device)
+  _assert_compiled_once_per_phase(log)
 
 
 def _free_port():
@@ -102,6 +108,7 @@ def _free_port():
 
 
 @pytest.mark.slow
+@pytest.mark.subprocesses
 def test_two_processes_train_like_one(tmp_path, one_device):
   """Two local CPU processes, 2 devices each, joined by jax.distributed (gloo collectives):
   each reads only its half of every global batch, and the losses equal one process's."""
@@ -111,9 +118,11 @@ def test_two_processes_train_like_one(tmp_path, one_device):
                         "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
                    name=f"process{i}")
            for i in range(2)]
-  (r0, log0), (r1, _) = [_results(p) for p in procs]
+  (r0, log0), (r1, log1) = [_results(p) for p in procs]
   assert "PROCESS 0 OF 2 DEVICES 4" in log0
   _assert_same_training(r0, one_device)
+  for log in (log0, log1):
+    _assert_compiled_once_per_phase(log)
   for k in _COMPARED:  # every host computed the same global metrics
     assert r1[k] == r0[k], k
 

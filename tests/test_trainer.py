@@ -177,6 +177,7 @@ def _events_files(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocesses
 def test_sigkill_then_sigterm_resume_exactly(tmp_path):
   """Real signals to real training processes, one after the other: after a SIGKILL the
   same command resumes from the last complete checkpoint; on SIGTERM it saves the step it
