@@ -55,7 +55,7 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.slow)
   # The long runs of child processes go first: the worker that draws one waits while its
   # children share both cores with the other worker. Last in file order, one ran alone at
-  # the end while the other worker idled (~100 s of the suite's ~12 min).
+  # the end while the other worker idled (~140 s of a 12.5-minute suite).
   items.sort(key=lambda item: item.get_closest_marker("subprocesses") is None)
 
 
