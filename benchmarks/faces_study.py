@@ -4,7 +4,7 @@
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
   python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
-  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,batch4_late_seed1,beta1,w8,no_reinit,gan_w0.3,tq1700,k1024,k1024_seed1,long
+  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,batch4_late_seed1,beta1,w8,no_reinit,gan_w0.3,tq1700,k1024,k1024_seed1,long,long_k1024
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
