@@ -17,12 +17,16 @@ _lock = threading.Lock()
 
 
 # Config fields no jitted function reads: the schedule, I/O, and the sections of the modes
-# that pass what they use as arguments or as `extra` key parts.
+# that pass what they use as arguments or as `extra` key parts. The phase boundaries (T_q,
+# the re-inits, the GAN's start) pick a step variant in Python, and k-means' iterations are
+# an argument of its own jit: a sweep over them reuses every compiled step.
 _SCHEDULE = ("num_train_steps", "log_every", "eval_every", "checkpoint_every",
              "keep_checkpoints", "per_device_batch_size", "output_dir")
 _SECTIONS = ("eval", "sample", "interpolate", "export", "plan", "mesh", "divergence")
 _FIELDS = {"data": ("data_dir", "num_threads", "test_fraction", "max_unreadable_fraction"),
-           "quantizer": ("validate_every",)}
+           "quantizer": ("validate_every",),
+           "codebook_init": ("start_step", "reinit_steps", "kmeans_iters"),
+           "loss": ("disc_start_step",)}
 
 
 def key_of(config) -> str:

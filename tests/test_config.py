@@ -220,3 +220,41 @@ def test_unknown_evaluator_is_a_config_error(tiny):
 def test_an_unused_accelerator_is_named(devices, backend, expected):
   from pivq_jax import main  # pylint: disable=g-import-not-at-top
   assert main.unused_accelerator(backend, exists=devices.__contains__) == expected
+
+
+# ----------------------------------------------------------------------------------------
+# compile_cache: a config's key names exactly what its compiled steps read.
+# ----------------------------------------------------------------------------------------
+def _lowered_step(c) -> str:
+  import functools  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from pivq_jax import sharding  # pylint: disable=g-import-not-at-top
+  from pivq_jax.modes import train_pivq  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh()
+  modules = train_state.build_modules(c)
+  _, abstract, _ = train_state.abstract_train_state(c, modules, mesh)
+  r = c.data.resolution
+  batch = {"image": jax.ShapeDtypeStruct((c.batch_size, r, r, 3), jnp.uint8)}
+  step = functools.partial(train_pivq.train_step, model=modules.model, disc=modules.disc,
+                           tx=modules.tx, config=c, quantize=True, adversarial_on=True)
+  return jax.jit(step).lower(abstract, batch, None).as_text()
+
+
+def test_phase_boundaries_share_the_compiled_step(tiny):
+  """A sweep over T_q, the re-inits, k-means' iterations or the GAN's start reuses the
+  compiled steps (compile_cache.key_of leaves them out): the steps must not read them."""
+  from pivq_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  # Nearest (no host callback in the program text) and no LPIPS: the step stays small.
+  tiny.quantizer.assignment = "nearest"
+  tiny.loss.lpips_weight = 0.0
+  moved = tiny.copy_and_resolve_references()
+  moved.codebook_init.update(start_step=1, reinit_steps=(2, 4), kmeans_iters=7)
+  moved.loss.disc_start_step = 1
+  assert compile_cache.key_of(moved) == compile_cache.key_of(tiny)
+  reference = _lowered_step(tiny)
+  assert _lowered_step(moved) == reference
+  # The comparison can fail: a field the step reads changes the key and the program.
+  other = tiny.copy_and_resolve_references()
+  other.loss.adversarial_weight = 0.5
+  assert compile_cache.key_of(other) != compile_cache.key_of(tiny)
+  assert _lowered_step(other) != reference
