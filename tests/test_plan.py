@@ -5,12 +5,14 @@ import json
 import jax
 import pytest
 
+from conftest import SHARES_TINY_STEPS
 from pivq_jax import config_lib
 from pivq_jax.modes import plan
 from pivq_jax import runner
 
 
 @pytest.mark.slow
+@SHARES_TINY_STEPS  # the plan's small batch is the tiny run's compiled last-phase step
 def test_plan_compiles_without_allocating_and_scales_with_the_batch(tiny, tmp_path):
   tiny.num_train_steps = 1000
   before = len(jax.live_arrays())
