@@ -104,45 +104,49 @@ VARIANTS = {
     "nf8_batch4": dict(_UNQ, **{"model.nf": 8, "model.ch_mult": (1, 2, 4, 8),
                                 "batch_size": 4, "num_train_steps": 800}),
 }
-# Full schedules through the main command: name -> (config argument, overrides).
+# Full schedules through the main command: name -> (config argument, overrides). The
+# runs measured while faces.py had K = 256 codes and a W = 32-step history (until
+# findings 20-21 made 1,024 and 128 the default) keep them: their names say what each
+# changed against that default.
+_K256 = ["--config.quantizer.num_codes=256", "--config.codebook_init.history_steps=32"]
 RUNS = {
-    "default": ("", []),
+    "default": ("", _K256),
     # The schedule faces.py had before: T_q 900, re-init 1200, GAN from 1600.
-    "tq900": ("", ["--config.codebook_init.start_step=900",
-                   "--config.codebook_init.reinit_steps=(1200,)",
-                   "--config.loss.disc_start_step=1600"]),
+    "tq900": ("", _K256 + ["--config.codebook_init.start_step=900",
+                           "--config.codebook_init.reinit_steps=(1200,)",
+                           "--config.loss.disc_start_step=1600"]),
     # Batch 4 on the T_q-900 schedule, every phase at the same images seen (x 3500/2200).
-    "batch4": ("", ["--config.batch_size=4", "--config.num_train_steps=3500",
-                    "--config.codebook_init.start_step=1430",
-                    "--config.codebook_init.history_steps=64",
-                    "--config.codebook_init.reinit_steps=(1900,)",
-                    "--config.loss.disc_start_step=2550", "--config.eval_every=1750"]),
+    "batch4": ("", _K256 + ["--config.batch_size=4", "--config.num_train_steps=3500",
+                            "--config.codebook_init.start_step=1430",
+                            "--config.codebook_init.history_steps=64",
+                            "--config.codebook_init.reinit_steps=(1900,)",
+                            "--config.loss.disc_start_step=2550", "--config.eval_every=1750"]),
     # Batch 4 on the default schedule (T_q 1,400, re-init 1,650, GAN from 1,900), every
     # phase at the same images seen (x 3500/2200).
-    "batch4_late": ("", ["--config.batch_size=4", "--config.num_train_steps=3500",
-                         "--config.codebook_init.start_step=2227",
-                         "--config.codebook_init.history_steps=64",
-                         "--config.codebook_init.reinit_steps=(2625,)",
-                         "--config.loss.disc_start_step=3023", "--config.eval_every=1750"]),
-    "long": ("long", []),
+    "batch4_late": ("", _K256 + ["--config.batch_size=4", "--config.num_train_steps=3500",
+                                 "--config.codebook_init.start_step=2227",
+                                 "--config.codebook_init.history_steps=64",
+                                 "--config.codebook_init.reinit_steps=(2625,)",
+                                 "--config.loss.disc_start_step=3023", "--config.eval_every=1750"]),
+    "long": ("long", _K256),
     # The default with one knob changed: a second seed (the noise of a full run), then the
     # parts of the quantizer schedule not swept above: beta, the k-means history W, the
     # re-init, the GAN's weight.
-    "seed1": ("", ["--config.seed=1"]),
-    "beta1": ("", ["--config.quantizer.beta=1.0"]),
-    "w8": ("", ["--config.codebook_init.history_steps=8"]),
-    "no_reinit": ("", ["--config.codebook_init.reinit_steps=()"]),
-    "gan_w0.3": ("", ["--config.loss.adversarial_weight=0.3"]),
+    "seed1": ("", _K256 + ["--config.seed=1"]),
+    "beta1": ("", _K256 + ["--config.quantizer.beta=1.0"]),
+    "w8": ("", _K256 + ["--config.codebook_init.history_steps=8"]),
+    "no_reinit": ("", _K256 + ["--config.codebook_init.reinit_steps=()"]),
+    "gan_w0.3": ("", _K256 + ["--config.loss.adversarial_weight=0.3"]),
     # Quantizing later still (the one lever past the noise, finding 11): T_q 1,700,
     # re-init 1,900, GAN from 2,000.
     # A second seed of batch4_late (finding 13: +0.34 dB on one seed).
-    "batch4_late_seed1": ("", ["--config.seed=1", "--config.batch_size=4",
-                               "--config.num_train_steps=3500",
-                               "--config.codebook_init.start_step=2227",
-                               "--config.codebook_init.history_steps=64",
-                               "--config.codebook_init.reinit_steps=(2625,)",
-                               "--config.loss.disc_start_step=3023",
-                               "--config.eval_every=1750"]),
+    "batch4_late_seed1": ("", _K256 + ["--config.seed=1", "--config.batch_size=4",
+                                       "--config.num_train_steps=3500",
+                                       "--config.codebook_init.start_step=2227",
+                                       "--config.codebook_init.history_steps=64",
+                                       "--config.codebook_init.reinit_steps=(2625,)",
+                                       "--config.loss.disc_start_step=3023",
+                                       "--config.eval_every=1750"]),
     # The default with a 4x codebook and k-means history (32 latents per code, as K = 256
     # with W = 32): does a finer codebook cut what quantizing costs?
     "k1024": ("", ["--config.quantizer.num_codes=1024",
@@ -153,9 +157,9 @@ RUNS = {
     # dB of train PSNR at once) and a 4x k-means history (the same 32 latents per code).
     "long_k1024": ("long", ["--config.quantizer.num_codes=1024",
                             "--config.codebook_init.history_steps=128"]),
-    "tq1700": ("", ["--config.codebook_init.start_step=1700",
-                    "--config.codebook_init.reinit_steps=(1900,)",
-                    "--config.loss.disc_start_step=2000"]),
+    "tq1700": ("", _K256 + ["--config.codebook_init.start_step=1700",
+                            "--config.codebook_init.reinit_steps=(1900,)",
+                            "--config.loss.disc_start_step=2000"]),
 }
 SETS = {
     "round8": ["nf8", "nf8_batch4"],

@@ -39,19 +39,23 @@ def get_config(arg: str | None = None):
   # Matching (the paper's method): every image uses L=32 distinct codes; nearest collapses
   # to ~1 per image here (docs/faces_config.md).
   c.quantizer.assignment = "matching"
-  c.quantizer.solver = "hungarian"  # exact, and faster than the auction at 32x256 on CPU
+  c.quantizer.solver = "hungarian"  # exact, and faster than the auction at 32x1024 on CPU
   c.quantizer.validate_every = 0  # nothing to validate: the solver is the exact one
-  c.quantizer.num_codes = 256
+  # K = 1,024 rather than 256 (choice): quantizing costs less PSNR, +0.28 / +0.19 dB held
+  # out on two seeds here and +0.48 dB in :long (docs/faces_study.md, findings 20-21).
+  c.quantizer.num_codes = 1024
 
   # The paper's phases on a CPU clock: 0-1400 unquantized; k-means++ codebook at T_q=1400
-  # on the latents of the last W=32 steps; re-init at 1650; GAN from 1900; end at 2200.
+  # on the latents of the last W=128 steps; re-init at 1650; GAN from 1900; end at 2200.
   # T_q at 1400, not 900: the autoencoder is still gaining ~1 dB per 500 steps at 900, and
-  # quantizing later ends 0.8 dB higher held out (20.31 vs 19.49; docs/faces_study.md).
+  # quantizing later ends 0.8 dB higher held out (20.31 vs 19.49 at K = 256; faces_study.md).
   c.batch_size = 8
   c.num_train_steps = 2200
   c.optim.learning_rate = 3e-4  # above the paper's 4.5e-6 x batch: minutes, not days
   c.codebook_init.start_step = 1400  # T_q
-  c.codebook_init.history_steps = 32  # W
+  # W = 128 steps: 32 latents per code for k-means, as W = 32 gave K = 256 (a W of 8 at
+  # K = 256 cost 0.4 dB: finding 15).
+  c.codebook_init.history_steps = 128  # W
   c.codebook_init.latents_per_step = 0  # all 8 x 32 latents of each step
   c.codebook_init.reinit_steps = (1650,)
   # LPIPS with AlexNet features: VGG16 (the paper's) costs 2.5x the step on a CPU; eval
@@ -76,6 +80,7 @@ def get_config(arg: str | None = None):
   if arg == "runlocal":
     c.num_train_steps = 6
     c.codebook_init.update(start_step=3, history_steps=2, reinit_steps=(5,))
+    c.quantizer.num_codes = 256  # 2 steps of history hold 512 latents, too few for 1,024
     c.loss.disc_start_step = 4
     c.eval.update(num_examples=64, num_samples=64, num_real=64, probe_examples=64)
     c.log_every = c.eval_every = c.checkpoint_every = 3
