@@ -1,6 +1,6 @@
 """Matching solvers side by side, in one run, on the same batches (PI-VQ paper §3.4).
 
-  python benchmarks/matching.py [--sizes=paper,faces] [--families=random,collapsed49,...]
+  python benchmarks/matching.py [--sizes=paper,faces,faces256] [--families=random,collapsed49,...]
       [--batch=8] [--repeats=3] [--noise=0.01] [--latents=file.npz] [--out=matching.json]
   python benchmarks/matching.py --quick      # faces size only, 2 repeats
 
@@ -41,7 +41,9 @@ from pivq_jax.quantizers import matching
 from pivq_jax.quantizers import matching_host
 from pivq_jax.quantizers import vq
 
-SIZES = {"paper": (512, 4096, 256), "faces": (32, 256, 64)}  # L, K, D
+# L, K, D: the paper's CelebA-HQ / FFHQ size, and configs/faces.py's before and after its
+# codebook grew to 1,024 codes.
+SIZES = {"paper": (512, 4096, 256), "faces": (32, 1024, 64), "faces256": (32, 256, 64)}
 FAMILIES = ("random", "collapsed49", "collapsed8", "collapsed1")
 METHODS = ("nearest", "auction", "hungarian", "scipy_callback", "scipy", "scipy_threads",
            "sparse", "sinkhorn")

@@ -254,10 +254,10 @@ def test_union_columns_hold_every_latents_nearest_list():
 
 
 def test_small_images_skip_the_screen(monkeypatch):
-  """Below SCREEN_MIN_ENTRIES "auto" is the dense loop (the faces size); above, the screen
-  routes collapsed images to the union solver."""
+  """Below SCREEN_MIN_ENTRIES "auto" is the dense loop (faces.py's 32 x 1,024); above, the
+  screen routes collapsed images to the union solver."""
   rng = np.random.default_rng(9)
-  cb = rng.normal(size=(256, 8)).astype(np.float32)
+  cb = rng.normal(size=(1024, 8)).astype(np.float32)
   cost = _euclidean(cb[np.zeros((2, 32), int)] + 1e-3 * rng.normal(size=(2, 32, 8)), cb)
   calls = []
   monkeypatch.setattr(matching_host, "union",

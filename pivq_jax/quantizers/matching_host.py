@@ -36,13 +36,15 @@ UNION_MAX_L = 2.0
 SPARSE_MIN_K = 4
 SPARSE_MIN_ENTRIES = 1 << 17
 # Below this many cost entries per image (L * K), "auto" is the dense loop without a
-# screen: at the faces size (32 x 256) the screen costs ~30% of a dense solve, and a trained
-# faces encoder's latents never pass it (6-56% share a nearest code; docs/benchmarks.md).
-SCREEN_MIN_ENTRIES = 1 << 14
+# screen: at the faces sizes (32 x 256, 32 x 1,024) the screen costs 5-30% of a dense solve,
+# and a trained faces encoder's latents never pass it (6-56% share a nearest code);
+# collapsed latents then cost what scipy costs (docs/benchmarks.md).
+SCREEN_MIN_ENTRIES = 1 << 16
 # Solver threads: None = min(images, os.cpu_count()). 1 solves in the calling thread.
 THREADS = None
-# Below this many cost entries per batch a thread pool costs more than it saves.
-MIN_PARALLEL_ENTRIES = 1 << 18
+# Below this many cost entries per batch a thread pool costs more than it saves (at
+# 8 x 32 x 1,024 = 2^18 on 2 cores: 1.03-1.34x the inline loop's time).
+MIN_PARALLEL_ENTRIES = 1 << 19
 
 _pool = None
 
