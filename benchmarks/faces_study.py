@@ -422,27 +422,60 @@ def full_runs(names: list[str], path: str, png: str) -> None:
   _plot_runs(results, png)
 
 
+# One panel per question, each against the K = 256 default's two seeds (grey); a run in
+# no panel lands in the last one.
+PANELS = {
+    "when to quantize": ["tq900", "tq1700"],
+    "batch 4 (same images seen)": ["batch4", "batch4_late", "batch4_late_seed1"],
+    "the quantizer's settings": ["beta1", "w8", "no_reinit", "gan_w0.3"],
+    "1,024 codes (today's default)": ["k1024", "k1024_seed1"],
+    ":long (9,000 steps)": ["long", "long_k1024"],
+}
+_REFERENCE = ("default", "seed1")
+
+
 def _plot_runs(results: dict, png: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import numpy as np
-  fig, ax = plt.subplots(figsize=(8, 5))
-  for i, (name, r) in enumerate(results.items()):
+  panels = {title: [n for n in names if n in results] for title, names in PANELS.items()}
+  placed = {n for names in panels.values() for n in names} | set(_REFERENCE)
+  if [n for n in results if n not in placed]:
+    panels["other runs"] = [n for n in results if n not in placed]
+  cols = 3
+  rows = -(-len(panels) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), sharey=True,
+                           squeeze=False)
+
+  def curve(ax, name, color, lw, label=None):
+    r = results[name]
     batch = r["batch_size"]
-    color = plt.get_cmap("tab20").colors[i % 20]
     steps, psnr = np.asarray(r["train/psnr"]).T
     k = 5  # train PSNR is per batch: a running mean over 5 logs
     smooth = np.convolve(psnr, np.ones(k) / k, mode="valid")
-    ax.plot(steps[k - 1:] * batch, smooth, color=color, lw=1, alpha=0.6)
+    ax.plot(steps[k - 1:] * batch, smooth, color=color, lw=0.8, alpha=0.5)
     ev_steps, ev = np.asarray(r["eval/ema/psnr"]).T
-    ax.plot(ev_steps * batch, ev, "o-", color=color, lw=2, label=f"{name} (held out, EMA)")
-  ax.set_xlabel("training images seen (step x batch)")
-  ax.set_ylabel("PSNR (dB): held out (dots), train (thin)")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=8)
+    ax.plot(ev_steps * batch, ev, "o-", color=color, lw=lw,
+            label=f"{label or name}: {ev[-1]:.2f}")
+
+  for ax, (title, names) in zip(axes.flat, panels.items()):
+    for name, grey in zip(_REFERENCE, ("0.35", "0.6")):
+      if name in results:
+        curve(ax, name, grey, 1.5, label=f"{name} (K = 256)")
+    for i, name in enumerate(names):
+      curve(ax, name, plt.get_cmap("tab10").colors[i], 2)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, title="held-out EMA PSNR at the end", title_fontsize=8)
+  for ax in axes.flat[len(panels):]:
+    ax.axis("off")
+  for ax in axes[-1]:
+    ax.set_xlabel("training images seen (step x batch)")
+  for ax in axes[:, 0]:
+    ax.set_ylabel("PSNR (dB): held out (dots), train (thin)")
   fig.tight_layout()
-  fig.savefig(png, dpi=110)
+  fig.savefig(png, dpi=100)
 
 
 def main(argv):
