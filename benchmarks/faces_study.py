@@ -4,7 +4,7 @@
   python benchmarks/faces_study.py --variants=base,embed1 --steps=600
   python benchmarks/faces_study.py --step_costs             # time axis, then the plot
   python benchmarks/faces_study.py --plot_only              # redraw docs/faces_study.png
-  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,batch4_late_seed1,beta1,w8,no_reinit,gan_w0.3,tq1700,k1024,k1024_seed1,long,long_k1024,no_lpips
+  python benchmarks/faces_study.py --runs=default,seed1,tq900,batch4,batch4_late,batch4_late_seed1,beta1,w8,no_reinit,gan_w0.3,tq1700,k1024,k1024_seed1,long,long_k1024,no_lpips,k2048
 
 Each variant is `configs/faces.py` plus overrides, trained by the package's own trainer
 (`runner.run(..., "train")`) in its own workdir, evaluated on the held-out split every
@@ -160,6 +160,9 @@ RUNS = {
     # Today's default (K = 1,024) without the LPIPS term, the GAN phase kept: on the T_q 900
     # schedule L1 alone was 0.8 dB ahead with a better LPIPS-VGG too (docs/results.md).
     "no_lpips": ("", ["--config.loss.lpips_weight=0.0"]),
+    # Does a larger codebook keep paying? K = 2,048 with W = 256 (32 latents per code).
+    "k2048": ("", ["--config.quantizer.num_codes=2048",
+                   "--config.codebook_init.history_steps=256"]),
     "tq1700": ("", _K256 + ["--config.codebook_init.start_step=1700",
                             "--config.codebook_init.reinit_steps=(1900,)",
                             "--config.loss.disc_start_step=2000"]),
@@ -431,7 +434,7 @@ PANELS = {
     "when to quantize": ["tq900", "tq1700"],
     "batch 4 (same images seen)": ["batch4", "batch4_late", "batch4_late_seed1"],
     "the quantizer's settings": ["beta1", "w8", "no_reinit", "gan_w0.3"],
-    "1,024 codes (today's default)": ["k1024", "k1024_seed1"],
+    "codebook size (1,024: today's default)": ["k1024", "k1024_seed1", "k2048"],
     ":long (9,000 steps)": ["long", "long_k1024"],
     "the objective (K = 1,024)": ["k1024", "no_lpips"],
 }
