@@ -226,6 +226,9 @@ def test_an_unused_accelerator_is_named(devices, backend, expected):
 # compile_cache: a config's key names exactly what its compiled steps read.
 # ----------------------------------------------------------------------------------------
 def _lowered_step(c) -> str:
+  """The quantized + GAN step's program text, jitted here: through compile_cache, a config
+  with the same key would get back the first config's function, and the test would prove
+  nothing."""
   import functools  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from pivq_jax import sharding  # pylint: disable=g-import-not-at-top

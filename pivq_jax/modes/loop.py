@@ -15,12 +15,17 @@ from pivq_jax.data import pipeline
 
 
 def train_batches(exp, start_step: int):
-  """This host's batches from `start_step` on: a pure function of the step (exact resume)."""
+  """This host's batches from `start_step` on: a pure function of the step (exact resume).
+
+  Images only: the train steps read nothing else (labels stay on the host), and
+  --mode=plan compiles for the same batch, so a plan after a run reuses its step.
+  """
   c, pcount = exp.config, jax.process_count()
-  return pipeline.train_batches(
+  batches = pipeline.train_batches(
       exp.sources["train"], local_batch=c.batch_size // pcount, seed=c.seed,
       start_step=start_step, process_index=jax.process_index(), process_count=pcount,
       num_threads=c.data.num_threads)
+  return ({"image": b["image"]} for b in batches)
 
 
 class Diverged(FloatingPointError):

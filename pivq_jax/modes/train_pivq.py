@@ -175,8 +175,7 @@ def run(config, workdir: str, mesh) -> dict:
   with loop.Loop(exp, start_step) as train_loop:
     batches = loop.train_batches(exp, start_step + train_loop.data_offset)
     while step < config.num_train_steps:
-      # Images only: the step reads nothing else, and --mode=plan compiles for this batch.
-      batch = exp.global_batch({"image": next(batches)["image"]})
+      batch = exp.global_batch(next(batches))
       if validate and step >= ci.start_step and step % config.quantizer.validate_every == 0:
         # Same params and batch the step is about to use.
         exp.writer.write_scalars(step, matching_check.validate_matching(
