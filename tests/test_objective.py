@@ -33,7 +33,10 @@ def _setup(config):
   with jax.set_mesh(mesh):  # as in runner.run, so the tiny run's compiled init is reused
     state, shardings = train_state.create_train_state(config, modules, mesh)
   source = pipeline.make_source(config.data, "train")
-  batch = next(pipeline.train_batches(source, local_batch=config.batch_size, seed=0))
+  # Images only, as the loop feeds them (modes/loop.py): any other batch structure would
+  # trace and compile the step again.
+  batch = {"image": next(pipeline.train_batches(source, local_batch=config.batch_size,
+                                                seed=0))["image"]}
   lp = lpips.load_lpips_params(config.loss.lpips_net)
 
   def step(q, a):
@@ -44,9 +47,12 @@ def _setup(config):
 
     def call(s, b, l):  # the arguments placed and traced as in runner.run
       with jax.set_mesh(mesh):
-        return f(jax.tree.map(jnp.copy, s),
-                 sharding_lib.global_batch(b, sharding_lib.batch_sharding(mesh)),
-                 jax.device_put(l, sharding_lib.replicated(mesh)))
+        out = f(jax.tree.map(jnp.copy, s),
+                sharding_lib.global_batch(b, sharding_lib.batch_sharding(mesh)),
+                jax.device_put(l, sharding_lib.replicated(mesh)))
+      # One compiled signature: the tiny run's, or this call's when the test runs alone.
+      assert f._cache_size() == 1  # pylint: disable=protected-access
+      return out
     return call
 
   return model, disc, state, shardings, batch, lp, step
