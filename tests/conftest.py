@@ -28,6 +28,17 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+# The same for a test's own computation that compiles once and runs once or twice.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def jit_fast(fn):
+  """jax.jit(fn), compiled with FAST_COMPILE on each call: for a test's one-shot init or
+  reference computation, where compile time is most of the cost."""
+  jitted = jax.jit(fn)
+  return lambda *args: jitted.lower(*args).compile(FAST_COMPILE)(*args)
+
+
 def pytest_unconfigure(config):
   if _OWN_CACHE and not hasattr(config, "workerinput"):  # the xdist controller, or no xdist
     shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
@@ -35,11 +46,12 @@ def pytest_unconfigure(config):
 
 # Tests that share an expensive fixture go to one xdist worker (`--dist loadgroup` in
 # setup.cfg), so it is computed once per session instead of once per worker: the trained
-# tiny run (its readers are slow tests: the run trains every phase first) and the
-# scale-out tests' one-device reference. Tests that run the unchanged tiny config's steps
+# tiny run (its readers are slow tests: the run trains every phase first), the
+# scale-out tests' one-device reference and test_models' small model. Tests that run the unchanged tiny config's steps
 # join the first group by the SHARES_TINY_STEPS mark, for its compiled steps.
 _GROUPS = {"trained_tiny_run": "trained_tiny", "trained_tiny": "trained_tiny",
-           "trained_copy": "trained_tiny", "one_device": "scale_out"}
+           "trained_copy": "trained_tiny", "one_device": "scale_out",
+           "small": "models_small"}
 # The mark for a test that runs the unchanged tiny config: it reuses the shared run's steps.
 SHARES_TINY_STEPS = pytest.mark.xdist_group(_GROUPS["trained_tiny"])
 

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import jit_fast
 from pivq_jax.losses import adversarial
 from pivq_jax.losses import diffaug
 from pivq_jax.models import discriminator
@@ -97,7 +98,7 @@ def test_adaptive_weight_from_last_layer_grads_equals_direct_autodiff():
   dec = trunk.Decoder(nf=16, ch_mult=(1, 2), res_blocks=1, attn_resolutions=(), norm_groups=8)
   disc = discriminator.PatchDiscriminator(ndf=8, n_layers=2)
 
-  @jax.jit  # one compile, not one per op
+  @jit_fast  # one compile, not one per op; cheap code for a single run
   def both_ways():
     h = jax.random.normal(jax.random.key(0), (3, 8, 8, 16))
     x = jax.random.uniform(jax.random.key(1), (3, 16, 16, 3))
@@ -144,10 +145,16 @@ def test_patch_discriminator_shapes_and_ut_parameter_count():
 def test_discriminator_batchnorm_uses_batch_statistics_and_updates_running_ones():
   disc = discriminator.PatchDiscriminator(ndf=8, n_layers=2)
   x = _images(4, 32)
-  variables = disc.init(jax.random.key(0), x)
-  out1, new = disc.apply(variables, x, mutable=["batch_stats"])
-  # Training-mode BN: a sample's logits depend on the rest of its batch.
-  out2, _ = disc.apply(variables, jnp.concatenate([x[:2], x[2:] * 0.0]), mutable=True)
+
+  @jit_fast  # one compile for init and both applies, not one per op
+  def run(x):
+    variables = disc.init(jax.random.key(0), x)
+    out1, new = disc.apply(variables, x, mutable=["batch_stats"])
+    # Training-mode BN: a sample's logits depend on the rest of its batch.
+    out2, _ = disc.apply(variables, jnp.concatenate([x[:2], x[2:] * 0.0]), mutable=True)
+    return variables, out1, new, out2
+
+  variables, out1, new, out2 = run(x)
   assert not np.allclose(out1[:2], out2[:2])
   before = jax.tree.leaves(variables["batch_stats"])
   after = jax.tree.leaves(new["batch_stats"])

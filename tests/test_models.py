@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import jit_fast
 from pivq_jax.models import autoencoder
 from pivq_jax.models import trunk
 from pivq_jax.quantizers import vq
@@ -33,8 +34,8 @@ def test_unused_skip_switch_changes_only_parameter_count():
   x = jax.random.uniform(jax.random.key(1), (2, 16, 16, 3))
   plain = trunk.Encoder(out_ch=8, **kw)
   quirky = trunk.Encoder(out_ch=8, ut_unused_skip=True, **kw)
-  p_plain = traverse_util.flatten_dict(plain.init(jax.random.key(0), x))
-  p_quirky = traverse_util.flatten_dict(quirky.init(jax.random.key(0), x))
+  p_plain = traverse_util.flatten_dict(jit_fast(plain.init)(jax.random.key(0), x))
+  p_quirky = traverse_util.flatten_dict(jit_fast(quirky.init)(jax.random.key(0), x))
   extra = set(p_quirky) - set(p_plain)
   assert extra and all("conv_out" in k for k in extra)
   # Same shared weights -> identical outputs: the extra parameters are never used.
@@ -61,7 +62,7 @@ def small():
   """(model, params, jitted apply): one init shared by the tests below (parameters do not
   depend on the batch), and applies jitted whole rather than run op by op."""
   model = _small_model()
-  params = jax.jit(model.init)(_FAST_KEY, jnp.zeros((1, 32, 32, 3)))
+  params = jit_fast(model.init)(_FAST_KEY, jnp.zeros((1, 32, 32, 3)))
   return model, params, jax.jit(model.apply, static_argnames=("method", "quantize"))
 
 
@@ -89,7 +90,7 @@ def test_position_init_scales(input_std, output_std):
   model = _small_model().clone(input_pos_std=input_std, output_pos_std=output_std, nf=8,
                                ch_mult=(1, 2), attn_resolutions=(), norm_groups=4,
                                tfm_layers=1)  # only the embeddings matter here
-  params = jax.jit(model.init)(_FAST_KEY, jnp.zeros((1, 32, 32, 3)))["params"]
+  params = jit_fast(model.init)(_FAST_KEY, jnp.zeros((1, 32, 32, 3)))["params"]
   stds = {k: float(jnp.std(params[k]))
           for k in ("input_positions", "output_embeddings", "latent_queries")}
   np.testing.assert_allclose(stds["input_positions"], input_std or 0.02, rtol=0.1)

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import SHARES_TINY_STEPS
+from conftest import jit_fast
 from pivq_jax import checkpoints
 from pivq_jax import config_lib
 from pivq_jax import experiment
@@ -94,7 +95,7 @@ def test_step_adaptive_weight_equals_direct_autodiff_through_the_model(tiny):
 
   kernel = state.params["decoder_trunk"]["conv_out"]["kernel"]
   # One jit for the reference (op-by-op autodiff through LPIPS compiles every op apart).
-  nll_value, w = jax.jit(lambda k: (nll(k), adversarial.adaptive_weight(
+  nll_value, w = jit_fast(lambda k: (nll(k), adversarial.adaptive_weight(
       jax.grad(nll)(k), jax.grad(g)(k))))(kernel)
   assert 0.01 < float(w) < 0.99
   assert float(metrics["adaptive_weight"]) == pytest.approx(
