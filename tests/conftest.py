@@ -71,11 +71,13 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: item.get_closest_marker("subprocesses") is None)
 
 
-def subprocess_env(devices: int | None = None, **extra) -> dict[str, str]:
-  """The environment for a subprocess test: CPU JAX, fast XLA flags, `devices` fake CPU
-  devices, the session's compilation cache (inherited) and `extra`."""
-  flags = FAST_XLA_FLAGS + (f" --xla_force_host_platform_device_count={devices}"
-                            if devices else "")
+def subprocess_env(devices: int | None = None, fast_compile: bool = True,
+                   **extra) -> dict[str, str]:
+  """The environment for a subprocess test: CPU JAX, fast XLA flags (unless the children's
+  steps come from the persistent cache, where default code runs them faster), `devices`
+  fake CPU devices, the session's compilation cache (inherited) and `extra`."""
+  flags = (FAST_XLA_FLAGS if fast_compile else "") + (
+      f" --xla_force_host_platform_device_count={devices}" if devices else "")
   return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags, **extra)
 
 
