@@ -149,6 +149,7 @@ def test_eval_mode_reports_generative_metrics_and_probes(tiny, tmp_path, trained
     assert 0 <= results["eval/dci/disentanglement"] <= 1
   cached = os.listdir(tmp_path / "cache" / "real_features")
   assert any(f.startswith("faces_32px_train_8_") for f in cached)
+  tiny.eval.evaluators = ("generative",)  # the one that reads the cache
   again = runner.run(tiny, trained_tiny, mode="eval")  # real features from cache
   assert again["eval/generative/fid"] == pytest.approx(results["eval/generative/fid"],
                                                        rel=1e-4)
