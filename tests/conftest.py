@@ -6,6 +6,7 @@ import shutil
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,10 +34,17 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 def jit_fast(fn):
-  """jax.jit(fn), compiled with FAST_COMPILE on each call: for a test's one-shot init or
-  reference computation, where compile time is most of the cost."""
-  jitted = jax.jit(fn)
-  return lambda *args: jitted.lower(*args).compile(FAST_COMPILE)(*args)
+  """jax.jit(fn) compiled with FAST_COMPILE, once per argument shapes and dtypes: for a
+  test's one-shot inits and reference or solver calls, where compiling is most of the cost."""
+  jitted, compiled = jax.jit(fn), {}
+
+  def call(*args):
+    leaves, tree = jax.tree.flatten(args)
+    key = (tree, tuple((jnp.shape(x), jnp.result_type(x)) for x in leaves))
+    if key not in compiled:
+      compiled[key] = jitted.lower(*args).compile(FAST_COMPILE)
+    return compiled[key](*args)
+  return call
 
 
 def pytest_unconfigure(config):

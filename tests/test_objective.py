@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import SHARES_TINY_STEPS
+from conftest import FAST_COMPILE
 from conftest import jit_fast
 from pivq_jax import checkpoints
 from pivq_jax import config_lib
@@ -40,17 +41,21 @@ def _setup(config):
                                                 seed=0))["image"]}
   lp = lpips.load_lpips_params(config.loss.lpips_net)
 
-  def step(q, a):
+  def step(q, a, fast=False):
     """The loop's own compiled step (the tiny run on this worker compiled it already); it
-    donates the state and the tests reuse theirs, so each call gets a copy."""
+    donates the state and the tests reuse theirs, so each call gets a copy. fast: a config
+    no other test runs, compiled for this test alone with conftest.FAST_COMPILE."""
     f = train_pivq.jit_train_step(config, modules, shardings, mesh, quantize=q,
                                   adversarial_on=a)
 
     def call(s, b, l):  # the arguments placed and traced as in runner.run
       with jax.set_mesh(mesh):
-        out = f(jax.tree.map(jnp.copy, s),
+        args = (jax.tree.map(jnp.copy, s),
                 sharding_lib.global_batch(b, sharding_lib.batch_sharding(mesh)),
                 jax.device_put(l, sharding_lib.replicated(mesh)))
+        if fast:
+          return f.lower(*args).compile(FAST_COMPILE)(*args)
+        out = f(*args)
       # One compiled signature: the tiny run's, or this call's when the test runs alone.
       assert f._cache_size() == 1  # pylint: disable=protected-access
       return out
@@ -224,7 +229,7 @@ def test_codebook_init_fits_the_history_and_logs_usage(tiny):
 def test_bfloat16_compute_keeps_float32_params(tiny):
   tiny.model.dtype = "bfloat16"
   _, _, state, _, batch, lp, step = _setup(tiny)
-  new, metrics = step(True, True)(state, batch, lp)
+  new, metrics = step(True, True, fast=True)(state, batch, lp)
   assert np.isfinite(float(metrics["loss"]))
   for tree in (new.params, new.ema_params, new.disc_params):
     assert {x.dtype for x in jax.tree.leaves(tree)} == {jnp.dtype("float32")}
