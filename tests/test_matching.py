@@ -11,16 +11,9 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from conftest import jit_fast
 from pivq_jax.quantizers import auction
 from pivq_jax.quantizers import matching
 from pivq_jax.quantizers import matching_host
-
-
-# The auction (assign's default solver) compiled once per shape with cheap code generation:
-# these small solves cost far less to run than to compile.
-_assign = jit_fast(matching.assign)
-_auction_solve = jit_fast(auction.auction_solve)
 
 
 def _optimum(cost):
@@ -78,7 +71,7 @@ def test_auction_matches_scipy(cost):
   padded = np.full((3, l, 12), float(cost.max()) + 1.0, np.float32)
   padded[:b, :, :k] = cost
   padded[b:] = padded[:1]
-  codes = np.asarray(_assign(jnp.asarray(padded)))[:b]
+  codes = np.asarray(matching.assign(jnp.asarray(padded)))[:b]
   _check(cost, codes)
 
 
@@ -87,7 +80,7 @@ def test_square_l_equals_k(l):
   rng = np.random.default_rng(l)
   cost = np.concatenate([rng.random((2, l, l)), rng.integers(0, 3, (1, l, l))]).astype(
       np.float32)
-  _check(cost, _assign(jnp.asarray(cost)))
+  _check(cost, matching.assign(jnp.asarray(cost)))
 
 
 @pytest.mark.parametrize("k", [10, 40])
@@ -95,7 +88,7 @@ def test_all_latents_identical(k):
   rng = np.random.default_rng(k)
   row = rng.random(k).astype(np.float32)
   cost = np.stack([np.tile(row, (10, 1)), np.ones((10, k), np.float32)])  # 2nd: all tied
-  _check(cost, _assign(jnp.asarray(cost)))
+  _check(cost, matching.assign(jnp.asarray(cost)))
 
 
 @pytest.mark.parametrize("scale", [1e-6, 1e6])
@@ -105,7 +98,7 @@ def test_cost_scale(scale):
   z = cb[rng.integers(0, 3, (2, 12))] + 0.01 * rng.normal(size=(2, 12, 4))
   base = np.concatenate([_euclidean(z, cb), rng.random((1, 12, 40)).astype(np.float32)])
   cost = (base * scale).astype(np.float32)
-  codes = _assign(jnp.asarray(cost))
+  codes = matching.assign(jnp.asarray(cost))
   _check(cost, codes)
   _check(base, codes)  # the same assignment is optimal for the unscaled problem
 
@@ -117,12 +110,12 @@ def test_collapsed_latents_64x512():
   cb = rng.normal(size=(512, 16)).astype(np.float32)
   z = cb[rng.integers(0, 3, (2, 64))] + 1e-3 * rng.normal(size=(2, 64, 16))
   cost = _euclidean(z, cb)
-  codes, info = _auction_solve(jnp.asarray(cost))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   _check(cost, codes)
   assert bool(np.all(info["converged"]))
   # All 64 latents on one code: 32-code lists cannot hold them, so C = L must be used.
   one = _euclidean(cb[np.zeros((1, 64), int)] + 1e-3 * rng.normal(size=(1, 64, 16)), cb)
-  codes, info = _auction_solve(jnp.asarray(one))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(one))
   _check(one, codes)
   assert int(info["level"][0]) == 64  # short lists were rejected, fell back to C = L
 
@@ -130,7 +123,7 @@ def test_collapsed_latents_64x512():
 def test_short_lists_are_used_when_certified():
   rng = np.random.default_rng(2)
   cost = _euclidean(rng.normal(size=(2, 64, 8)), rng.normal(size=(512, 8)))
-  codes, info = _auction_solve(jnp.asarray(cost))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   _check(cost, codes)
   assert int(info["level"][0]) == 32
   assert np.all(np.asarray(info["gap_bound"]) > 0)
@@ -140,7 +133,7 @@ def test_under_jit_and_vmap():
   rng = np.random.default_rng(3)
   cost = rng.integers(0, 4, (2, 3, 6, 9)).astype(np.float32)
   out_vmap = jax.vmap(matching.assign)(jnp.asarray(cost))
-  out_jit = jit_fast(lambda c: matching.assign(c, solver="auction"))(jnp.asarray(cost))
+  out_jit = jax.jit(lambda c: matching.assign(c, solver="auction"))(jnp.asarray(cost))
   for out in (out_vmap, out_jit):
     assert out.shape == (2, 3, 6)
     _check(cost.reshape(6, 6, 9), np.asarray(out).reshape(6, 6))
@@ -163,7 +156,7 @@ def test_non_finite_cost_raises(solver, bad):
 def test_auction_marks_non_finite_images():
   cost = np.random.default_rng(0).random((2, 3, 5)).astype(np.float32)
   cost[1, 0, 0] = np.nan
-  codes, info = _auction_solve(jnp.asarray(cost))
+  codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   assert np.all(np.asarray(codes)[1] == -1)
   assert list(np.asarray(info["converged"])) == [True, False]
   _check(cost[:1], np.asarray(codes)[:1])
