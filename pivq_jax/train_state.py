@@ -37,12 +37,22 @@ class TrainState:
   history: jax.Array  # float32[W * n, D]: encoder outputs of the last W steps (§3.7)
 
 
+# Leaves per concatenation in `all_finite`. One reduction per leaf made XLA emit a kernel
+# for each of a train step's ~400 checked leaves (a fifth of the tiny config's step compile
+# time on a CPU: 9.2 -> 7.4 s); one concatenation of all of them could copy the whole
+# model at once where XLA does not fuse it into the reduction.
+_FINITE_GROUP = 64
+
+
 def all_finite(*trees) -> jax.Array:
   """Whether every floating leaf of `trees` is finite: the per-step divergence check, a few
   reductions on device that the loop reads only when it logs, evaluates or saves."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for t in trees
-                            for x in jax.tree.leaves(t)
-                            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]))
+  leaves = [jnp.ravel(x) for t in trees for x in jax.tree.leaves(t)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  if not leaves:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.concatenate(leaves[i:i + _FINITE_GROUP])))
+                            for i in range(0, len(leaves), _FINITE_GROUP)]))
 
 
 def module_fields(cls, section, **explicit) -> dict[str, Any]:
