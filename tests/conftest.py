@@ -54,9 +54,10 @@ def pytest_unconfigure(config):
 
 # Tests that share an expensive fixture go to one xdist worker (`--dist loadgroup` in
 # setup.cfg), so it is computed once per session instead of once per worker: the trained
-# tiny run (its readers are slow tests: the run trains every phase first), the
-# scale-out tests' one-device reference and test_models' small model. Tests that run the unchanged tiny config's steps
-# join the first group by the SHARES_TINY_STEPS mark, for its compiled steps.
+# tiny run (its readers are slow tests: the run trains every phase first), the scale-out
+# tests' one-device reference and test_models' small model. Tests that run the unchanged
+# tiny config's steps join the first group by the SHARES_TINY_STEPS mark, for its
+# compiled steps.
 _GROUPS = {"trained_tiny_run": "trained_tiny", "trained_tiny": "trained_tiny",
            "trained_copy": "trained_tiny", "one_device": "scale_out",
            "small": "models_small"}

@@ -170,8 +170,10 @@ def _fields(cls):
 
 
 def test_every_module_field_has_a_config_field():
-  from pivq_jax.models import autoencoder, discriminator, factorqvae  # pylint: disable=g-import-not-at-top
-  from pivq_jax.quantizers import vq  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from pivq_jax.models import autoencoder, discriminator, factorqvae
+  from pivq_jax.quantizers import vq
+  # pylint: enable=g-import-not-at-top
   c = config_lib.factorqvae_config(config_lib.base_config())
   # Fields set from elsewhere: the data's resolution, the compute dtype, the sub-module.
   derived = {"resolution", "dtype", "quantizer", "dim"}

@@ -141,8 +141,8 @@ def test_failed_start_does_not_claim_the_workdir(tiny, tmp_path):
   assert not (tmp_path / "config.json").exists()
 
 
-def test_export_and_eval_into_writable_directories_from_a_read_only_run(tiny, trained_copy, tmp_path,
-                                                                monkeypatch):
+def test_export_and_eval_into_writable_directories_from_a_read_only_run(
+    tiny, trained_copy, tmp_path, monkeypatch):
   real_access = os.access
   # Root ignores permission bits, so the read-only workdir is simulated.
   monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == trained_copy and (

@@ -104,8 +104,8 @@ def test_clustered_unreadable_files_are_skipped_under_the_share(tmp_path):
 
 def test_unreadable_share_above_the_limit_stops_in_one_sentence(tmp_path):
   source = pipeline.make_source(_folder(tmp_path, good=300, bad_dirs=2), "train")
-  with pytest.raises(ValueError, match=r"\d+ of a random 256 of the 380 images could not be decoded "
-                     r"\(\d+%, above data.max_unreadable_fraction=0.1\), e.g. g0/"):
+  with pytest.raises(ValueError, match=r"\d+ of a random 256 of the 380 images could not be "
+                     r"decoded \(\d+%, above data.max_unreadable_fraction=0.1\), e.g. g0/"):
     for i in range(len(source)):
       source[i]
 
