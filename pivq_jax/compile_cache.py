@@ -44,8 +44,9 @@ def key_of(config) -> str:
 
 
 def jit(name: str, config, mesh, build, *extra):
-  """`build()` (a jitted function) once per (name, the config's model and step fields,
-  mesh, *extra); least recently used entries beyond 64 are dropped."""
+  """`build()` (a jitted function, or what such functions are built from, e.g. the
+  abstract train state) once per (name, the config's model and step fields, mesh,
+  *extra); least recently used entries beyond 64 are dropped."""
   key = (name, key_of(config), mesh, *extra)
   with _lock:
     if key in _cache:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from pivq_jax import checkpoints
+from pivq_jax import compile_cache
 from pivq_jax import config_lib
 from pivq_jax import sharding as sharding_lib
 from pivq_jax import train_state
@@ -101,7 +102,11 @@ class Experiment:
     self.writer = metric_writers.create_default_writer(
         self.output_dir, just_logging=jax.process_index() > 0 or not writable,
         asynchronous=False)
-    built = train_state.abstract_train_state(c, self.modules, self.mesh)
+    # Traced once per config and mesh in a process (the model's init, ~0.7 s for a small
+    # one): a notebook or a sweep runs many modes on one config.
+    built = compile_cache.jit("abstract_train_state", c, self.mesh,
+                              lambda: train_state.abstract_train_state(c, self.modules,
+                                                                       self.mesh))
     _, abstract, self.shardings = built
     # A checkpoint is restored into the abstract state: resuming, eval, sampling and export
     # never compile or run the init (and a checkpoint of another layout is refused first).

@@ -67,6 +67,9 @@ def test_rerun_of_a_finished_run_does_not_retrain(tiny, trained_copy, monkeypatc
   # A resumed run restores into the abstract state: the init is never compiled nor run.
   monkeypatch.setattr(train_state, "create_train_state",
                       lambda *a, **k: pytest.fail("a resumed run initialised a state"))
+  # The shared run traced this config's abstract state in this process already.
+  monkeypatch.setattr(train_state, "abstract_train_state",
+                      lambda *a, **k: pytest.fail("the abstract state was traced again"))
   results = runner.run(tiny, trained_copy)
   _, after = _restore_params(trained_copy)
   jax.tree.map(np.testing.assert_array_equal, before, after)
