@@ -11,7 +11,10 @@ union or sparse JV, threaded; small images straight to dense JV), "scipy_callbac
 "hungarian"'s like for like), "scipy" (dense `linear_sum_assignment` one image after
 another: the exact optimum every gap is measured against), "scipy_threads" (the same in
 threads), "sparse" (sparse JV on L-nearest lists, threaded), "sinkhorn" (ott-jax +
-greedy repair). Host methods other than "hungarian" are timed on host arrays.
+greedy repair), "lapx" (a peer library: lapx's Jonker-Volgenant, `lap.lapjv` with the
+rectangular cost extended to square, one image after another; `pip install -e
+'.[bench]'`, left out with a note when missing). Host methods other than "hungarian" are
+timed on host arrays.
 Families: Gaussian latents vs a Gaussian codebook ("random"); latents collapsed onto m
 codes, each latent = one of m codebook vectors + `noise` * N(0, 1) ("collapsedM"); and,
 with --latents (an .npz with `latents` float32[N, L, D] and `codebook` [K, D]), the
@@ -22,11 +25,14 @@ Per family x size x method: seconds per batch (after compiling; median of `repea
 for methods faster than a second, one run otherwise), ratio to scipy, validity (fraction
 of rows that are one-to-one) and optimality gap (total cost / exact optimum - 1, mean and
 max over rows; negative for nearest, which is not a matching). For the auction also its
-rounds (forward + reverse) of the accepted list level per image; the slowest image's
-count is the cost proxy on accelerators.
+rounds (forward + reverse) per image, of the accepted list level and of all levels
+(abandoned ones included), and the rounds the batch ran in lock step ("lockstep": under
+vmap each while loop runs as long as the batch's slowest image, and a list level runs for
+the whole batch unless every image is certified): the cost proxy on accelerators.
 """
 
 import functools
+import importlib.util
 import json
 import time
 
@@ -46,7 +52,7 @@ from pivq_jax.quantizers import vq
 SIZES = {"paper": (512, 4096, 256), "faces": (32, 1024, 64), "faces256": (32, 256, 64)}
 FAMILIES = ("random", "collapsed49", "collapsed8", "collapsed1")
 METHODS = ("nearest", "auction", "hungarian", "scipy_callback", "scipy", "scipy_threads",
-           "sparse", "sinkhorn")
+           "sparse", "sinkhorn", "lapx")
 HOST = {"scipy": dict(method="dense", threads=1), "scipy_threads": dict(method="dense"),
         "sparse": dict(method="sparse")}
 
@@ -95,8 +101,16 @@ def solver_fn(method):
   return functools.partial(matching.assign, solver=method, check_finite=False)
 
 
+def _lapx(cost):
+  import lap  # pylint: disable=g-import-not-at-top
+  return np.stack([lap.lapjv(np.asarray(c, np.float64), extend_cost=True)[1]
+                   for c in cost]).astype(np.int32)
+
+
 def time_method(method, cost, z, codebook, repeats):
-  if method in HOST:
+  if method == "lapx":
+    fn, args = _lapx, (np.asarray(cost),)
+  elif method in HOST:
     host = np.asarray(cost)
     fn, args = functools.partial(matching_host.solve, **HOST[method]), (host,)
   else:
@@ -128,6 +142,9 @@ def main(_):
     data = np.load(_LATENTS.value)
     cases.append(("file", "file", None))
   methods = list(_METHODS.value)
+  if "lapx" in methods and importlib.util.find_spec("lap") is None:
+    print("lapx is not installed (pip install -e '.[bench]'): its rows are left out.")
+    methods.remove("lapx")
   if "scipy" not in methods:
     methods.append("scipy")  # the exact optimum every gap is measured against
   rows = []
@@ -158,12 +175,17 @@ def main(_):
         row.update(rounds_max=int(info["rounds"].max()),
                    rounds_per_image=info["rounds"].tolist(),
                    accepted_lengths=info["level"].tolist(),
+                   all_levels_max=int(info["level_rounds"].sum(1).max()),
+                   level_rounds_per_image=info["level_rounds"].tolist(),
+                   lockstep_rounds=int(info["lockstep_rounds"]),
                    gap_bound_rel=float(np.max(info["gap_bound"] / optimum)))
       rows.append(row)
       print(f"{family:11s} {size_name:6s} {method:13s} {seconds:9.4f}s "
             f"x{row['ratio_to_scipy']:7.2f}  valid {valid:5.3f}  gap {gap_mean:+.1e} / "
             f"{gap_max:+.1e}" + (
-                f"  rounds slowest {row['rounds_max']} accepted C={row['accepted_lengths']}"
+                f"  rounds slowest {row['rounds_max']} (all levels "
+                f"{row['all_levels_max']}), lockstep {row['lockstep_rounds']}, accepted "
+                f"C={row['accepted_lengths']}"
                 if method == "auction" else ""), flush=True)
 
   print(f"\n{jax.devices()[0].device_kind}, batch {_BATCH.value}, noise {_NOISE.value}")

@@ -113,11 +113,30 @@ def test_collapsed_latents_64x512():
   codes, info = jax.jit(auction.auction_solve)(jnp.asarray(cost))
   _check(cost, codes)
   assert bool(np.all(info["converged"]))
+  _check_round_counts(info)
   # All 64 latents on one code: 32-code lists cannot hold them, so C = L must be used.
   one = _euclidean(cb[np.zeros((1, 64), int)] + 1e-3 * rng.normal(size=(1, 64, 16)), cb)
   codes, info = jax.jit(auction.auction_solve)(jnp.asarray(one))
   _check(one, codes)
   assert int(info["level"][0]) == 64  # short lists were rejected, fell back to C = L
+  _check_round_counts(info)
+  # The precheck skipped C = 32 (64 latents share one nearest code): no rounds there.
+  assert np.asarray(info["level_rounds"]).tolist()[0][0] == 0
+  # One image: the loops ran exactly its rounds.
+  assert int(info["lockstep_rounds"]) == int(np.sum(info["level_rounds"])) > 0
+
+
+def _check_round_counts(info):
+  """The auction's round counts agree: the accepted level's rounds are that level's entry,
+  each image's rounds over all levels include them, and the loops ran at least as long as
+  the slowest image (the batch moves in lock step)."""
+  per_level = np.asarray(info["level_rounds"])
+  levels = sorted(set(c for c in auction.LADDER if c < 64)) + [64]
+  accepted = [levels.index(c) for c in np.asarray(info["level"])]
+  np.testing.assert_array_equal(per_level[np.arange(len(accepted)), accepted],
+                                info["rounds"])
+  assert np.all(per_level.sum(1) >= np.asarray(info["rounds"]))
+  assert int(info["lockstep_rounds"]) >= per_level.sum(1).max()
 
 
 def test_short_lists_are_used_when_certified():

@@ -116,7 +116,8 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
   cand: int32[L, C] code ids, a: float32[L, C] benefits in [-1, 0]. init_codes int32[L]
   (-1: none) and init_price float32[K] warm-start it (any prices and any one-to-one
   partial assignment are a valid start: latents violating eps-CS are evicted first).
-  Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32, price).
+  Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32, price,
+  phase_rounds int32[phases, 2]: each eps phase's forward and reverse rounds).
   ok is False when max_rounds ran out or a price passed price_cap (then slot may hold
   -1s; the caller retries with longer lists).
   """
@@ -209,6 +210,7 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
 
   def phase(carry, eps):
     price, owner, slot, rounds, top_price = carry
+    start = rounds
     # Latents violating the new (smaller) eps-CS give their codes up; the others keep them.
     prof = a - price[cand]
     evict = (slot >= 0) & (_at(prof, slot) < jnp.max(prof, axis=1) - eps)
@@ -224,6 +226,7 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
 
     price, owner, slot, rounds, top_price = jax.lax.while_loop(
         fwd_cond, fwd_body, (price, owner, slot, rounds, top_price))
+    forward = rounds - start
     lam = lam_of(price, owner)
 
     def rev_cond(s):
@@ -238,16 +241,19 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     # Shift prices so lambda = 0 (keeps them ~1 for float32 resolution); unheld codes go
     # up to lambda, which never breaks eps-CS.
     price = jnp.maximum(price - jnp.where(jnp.isfinite(lam), lam, 0.0), 0.0)
-    return (price, owner, slot, rounds, jnp.max(price)), None
+    # This phase's forward and reverse rounds: under vmap each while loop runs until the
+    # batch's slowest image is done, so their batch maxima are the iterations executed.
+    return (price, owner, slot, rounds, jnp.max(price)), jnp.stack(
+        [forward, rounds - start - forward])
 
   slot = jnp.where(init_codes >= 0, inv[person, jnp.clip(init_codes, 0, k - 1)], -1)
   slot = slot.astype(jnp.int32)
   owner = jnp.full((k,), -1, jnp.int32).at[held(slot)].set(person, mode="drop")
   init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price))
-  (price, owner, slot, rounds, top_price), _ = jax.lax.scan(phase, init,
-                                                            jnp.asarray(_phases()))
+  (price, owner, slot, rounds, top_price), phase_rounds = jax.lax.scan(
+      phase, init, jnp.asarray(_phases()))
   ok = jnp.all(slot >= 0) & running(top_price, rounds)
-  return slot, ok, rounds, price
+  return slot, ok, rounds, price, phase_rounds
 
 
 def _fill_unassigned(codes, num_codes):
@@ -262,7 +268,8 @@ def _fill_unassigned(codes, num_codes):
 
 def _level(cost, init, *, c, final, max_rounds):
   """Auction with the top-c codes of every latent as candidates, warm-started from the
-  previous level's result `init` where that one converged. Returns a result dict."""
+  previous level's result `init` where that one converged. Returns a result dict (its
+  "phase_rounds" [B, phases, 2]: forward and reverse rounds per eps phase)."""
   bsz, l, k = cost.shape
   # The barrier keeps XLA from rewriting top_k into a full sort when fused with its users.
   # One barrier per array: a barrier over the (values, indices) pair crashes XLA:CPU's
@@ -279,7 +286,7 @@ def _level(cost, init, *, c, final, max_rounds):
   init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
 
   def run(_):
-    slot, ok, rounds, price = solve(cand, a, init_codes, init_price)
+    slot, ok, rounds, price, phase_rounds = solve(cand, a, init_codes, init_price)
     converged = ok
     # Certificate over all K codes: eps-CS against every code at the final prices (codes
     # outside the lists sit at price 0 = lambda). It makes the pruned solution
@@ -291,7 +298,7 @@ def _level(cost, init, *, c, final, max_rounds):
       ok = ok & jnp.all(own >= jnp.max(prof, axis=2) - 2 * EPS_FINAL, axis=1)
     return {"codes": jnp.where(slot >= 0, _codes(cand, slot), -1), "ok": ok,
             "warm": converged, "price": price, "rounds": rounds, "scale": scale,
-            "level": jnp.full((bsz,), c, jnp.int32)}
+            "level": jnp.full((bsz,), c, jnp.int32), "phase_rounds": phase_rounds}
 
   if final:
     return run(None)
@@ -302,7 +309,8 @@ def _level(cost, init, *, c, final, max_rounds):
   skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
              "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
              "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
-             "level": jnp.full((bsz,), c, jnp.int32)}
+             "level": jnp.full((bsz,), c, jnp.int32),
+             "phase_rounds": jnp.zeros((bsz, len(_phases()), 2), jnp.int32)}
   return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
 
 
@@ -318,7 +326,11 @@ def auction_solve(cost, *, max_rounds=None):
   info: "rounds" (auction rounds of the accepted level), "level" (its list length),
   "converged" (False only if max_rounds ran out: the leftover latents then got arbitrary
   free codes, still one-to-one), "gap_bound" (L * 2^-21 * S, the guaranteed bound on
-  total cost - optimum in cost units; see the module docstring).
+  total cost - optimum in cost units; see the module docstring), "level_rounds" (int32[B,
+  levels]: each image's rounds at every list length, abandoned levels included),
+  "lockstep_rounds" (the while-loop iterations this call ran: the batch moves in lock
+  step, each loop as long as its slowest image, and a level runs for the whole batch
+  unless every image is certified; on accelerators, time ~ this count).
   """
   bsz, l, k = cost.shape
   if max_rounds is None:
@@ -331,16 +343,23 @@ def auction_solve(cost, *, max_rounds=None):
   res = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
          "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
          "rounds": jnp.zeros((bsz,), jnp.int32), "scale": jnp.ones((bsz,), jnp.float32),
-         "level": jnp.zeros((bsz,), jnp.int32)}
+         "level": jnp.zeros((bsz,), jnp.int32),
+         "history": jnp.zeros((bsz, len(levels), len(_phases()), 2), jnp.int32)}
+
+  def level(r, i, c):
+    out = _level(cost, r, c=c, final=c == final_c,
+                 max_rounds=max_rounds if c == final_c else 20 * l + 4000)
+    out["history"] = r["history"].at[:, i].set(out.pop("phase_rounds"))
+    return out
+
   for i, c in enumerate(levels):
-    final = c == final_c
-    level = functools.partial(_level, cost, c=c, final=final,
-                              max_rounds=max_rounds if final else 20 * l + 4000)
-    res = level(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), lambda r: r, level,
-                                                 res)
+    run = functools.partial(level, i=i, c=c)
+    res = run(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), lambda r: r, run, res)
   converged = res["ok"] & finite
   codes = jax.vmap(functools.partial(_fill_unassigned, num_codes=k))(res["codes"])
   codes = jnp.where(finite[:, None], codes, -1).astype(jnp.int32)
   info = {"rounds": res["rounds"], "level": res["level"], "converged": converged,
-          "gap_bound": 2 * l * EPS_FINAL * res["scale"]}
+          "gap_bound": 2 * l * EPS_FINAL * res["scale"],
+          "level_rounds": jnp.sum(res["history"], axis=(2, 3)),
+          "lockstep_rounds": jnp.sum(jnp.max(res["history"], axis=0))}
   return codes, info
