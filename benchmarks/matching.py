@@ -178,6 +178,10 @@ def main(_):
                    all_levels_max=int(info["level_rounds"].sum(1).max()),
                    level_rounds_per_image=info["level_rounds"].tolist(),
                    lockstep_rounds=int(info["lockstep_rounds"]),
+                   reverse_share=float(info["phase_rounds"][..., 1].sum()
+                                       / max(info["phase_rounds"].sum(), 1)),
+                   # [levels, phases, forward/reverse]: the loops' lengths in lock step.
+                   lockstep_per_phase=info["phase_rounds"].max(0).tolist(),
                    gap_bound_rel=float(np.max(info["gap_bound"] / optimum)))
       rows.append(row)
       print(f"{family:11s} {size_name:6s} {method:13s} {seconds:9.4f}s "

@@ -335,7 +335,9 @@ def auction_solve(cost, *, max_rounds=None):
   "converged" (False only if max_rounds ran out: the leftover latents then got arbitrary
   free codes, still one-to-one), "gap_bound" (L * 2^-21 * S, the guaranteed bound on
   total cost - optimum in cost units; see the module docstring), "level_rounds" (int32[B,
-  levels]: each image's rounds at every list length, abandoned levels included),
+  levels]: each image's rounds at every list length, abandoned levels included;
+  "phase_rounds" int32[B, levels, eps phases, 2] splits them into forward and reverse
+  rounds per phase),
   "lockstep_rounds" (the while-loop iterations this call ran: the batch moves in lock
   step, each loop as long as its slowest image, and a level runs for the whole batch
   unless every image is certified; on accelerators, time ~ this count).
@@ -368,6 +370,7 @@ def auction_solve(cost, *, max_rounds=None):
   codes = jnp.where(finite[:, None], codes, -1).astype(jnp.int32)
   info = {"rounds": res["rounds"], "level": res["level"], "converged": converged,
           "gap_bound": 2 * l * EPS_FINAL * res["scale"],
+          "phase_rounds": res["history"],
           "level_rounds": jnp.sum(res["history"], axis=(2, 3)),
           "lockstep_rounds": jnp.sum(jnp.max(res["history"], axis=0))}
   return codes, info
