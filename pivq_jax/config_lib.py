@@ -379,6 +379,18 @@ def check_config(config, *, num_devices: int) -> None:
     raise ConfigError(f"PRDC with eval.nearest_k={ev.nearest_k} needs more than that many "
                       f"samples and real images (eval.num_samples={ev.num_samples}, "
                       f"eval.num_real={ev.num_real}); raise them or set num_samples=0.")
+  # Evaluators encode fixed subsets in whole global batches (pipeline.subset_batches): a
+  # subset smaller than one batch would stop the first eval, after training has compiled.
+  for count, name, batch, batch_name in (
+      (ev.num_examples, "eval.num_examples", ev.batch_size, "eval.batch_size"),
+      (ev.probe_examples, "eval.probe_examples", ev.batch_size, "eval.batch_size"),
+      (ev.dci_train_examples, "eval.dci_train_examples", ev.batch_size, "eval.batch_size"),
+      (ev.dci_test_examples, "eval.dci_test_examples", ev.batch_size, "eval.batch_size"),
+      (ev.num_real if ev.num_samples else 0, "eval.num_real", ev.feature_batch_size,
+       "eval.feature_batch_size")):
+    if 0 < count < batch:
+      raise ConfigError(f"{name}={count} is fewer than one global eval batch ({batch_name}="
+                        f"{batch}); raise it or lower {batch_name}.")
   ip = config.interpolate
   if ip.frames < 2 or ip.paths_per_pair < 1 or (not ip.pairs and ip.num_random_pairs < 1):
     raise ConfigError(f"interpolate needs frames >= 2, paths_per_pair >= 1 and pairs to "
@@ -452,7 +464,9 @@ def runlocal(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.codebook_init.update(start_step=3, history_steps=2, latents_per_step=0,
                          kmeans_iters=3, reinit_steps=(5,))
   c.loss.disc_start_step = 3
-  c.eval.update(num_examples=8, batch_size=2, grid_images=2, num_samples=16, num_real=16,
-                feature_batch_size=2, probe_examples=16)
+  # Eval subsets of at least one global eval batch (2 per device) on up to 32 devices.
+  c.eval.update(num_examples=32, batch_size=2, grid_images=2, num_samples=32, num_real=32,
+                feature_batch_size=2, probe_examples=32, dci_train_examples=64,
+                dci_test_examples=32)
   c.log_every = c.eval_every = c.checkpoint_every = 3
   return c

@@ -209,6 +209,21 @@ def test_pivq_fields_reach_the_modules(section, field, value):
   assert getattr(module, field) == value
 
 
+@pytest.mark.parametrize("field", ["num_examples", "probe_examples", "dci_train_examples",
+                                   "dci_test_examples", "num_real"])
+def test_an_eval_subset_smaller_than_a_batch_is_refused_before_compiling(tiny, field):
+  # On 4 devices the eval batches round up to 4; the tiny config's subsets hold them.
+  # Before, such a subset stopped the first eval, after training had compiled.
+  config_lib.check_config(tiny, num_devices=4)
+  tiny.eval.feature_batch_size = 8
+  tiny.eval[field] = 6  # above PRDC's nearest_k (3), below the batches (8)
+  tiny.eval.batch_size = 8
+  with pytest.raises(config_lib.ConfigError, match=f"eval.{field}=6 is fewer than one "
+                     "global eval batch") as e:
+    config_lib.check_config(tiny, num_devices=4)
+  _one_sentence(str(e.value))
+
+
 def test_unknown_evaluator_is_a_config_error(tiny):
   tiny.eval.evaluators = ("reconstruction", "fidd")
   with pytest.raises(config_lib.ConfigError, match="fidd") as e:

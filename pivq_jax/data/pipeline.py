@@ -149,9 +149,10 @@ def subset_batches(source, *, num_examples: int, batch_size: int, process_index:
   n = min(num_examples, len(source))
   n -= n % (batch_size * process_count)
   if n == 0:
-    raise ValueError(f"The split has {len(source)} examples, fewer than one global eval "
-                     f"batch of {batch_size * process_count}; lower --config.eval.batch_size "
-                     "(or eval.feature_batch_size).")
+    raise ValueError(f"A subset of {num_examples} examples from a split of {len(source)} "
+                     f"is fewer than one global eval batch of {batch_size * process_count}; "
+                     "ask for more or lower --config.eval.batch_size (or "
+                     "eval.feature_batch_size).")
   ds = grain.MapDataset.source(source).shuffle(seed=0)[:n]
   ds = ds.batch(batch_size, drop_remainder=True)[process_index::process_count]  # as above
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
