@@ -13,10 +13,11 @@ Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
    their result is accepted only with a certificate over all K codes: the duality gap of
    the final prices (weak LP duality: any prices p >= 0 bound the optimum by
    sum_i max_j (a_ij - p_j) + sum_j p_j) is at most 2 * L * EPS_FINAL, the bound the full
-   lists guarantee; otherwise (or when a cheap precheck or a price blow-up shows the short lists
-   cannot hold a one-to-one matching) the next size is tried, ending at C = L, warm-
-   started from the previous level's prices and assignment (images already certified then
-   need no rounds; any prices and eps-CS partial assignment are a valid auction start).
+   lists guarantee; otherwise (or when a cheap precheck or a price blow-up shows the
+   short lists cannot hold a one-to-one matching) the next size is tried, ending at C = L,
+   warm-started from the previous level's prices and assignment (images already certified
+   then need no rounds; any prices and eps-CS partial assignment are a valid auction
+   start).
    Each list is shifted so its best benefit is 0 (every assignment's total moves by the
    same amount) and the image's benefits are divided by S, the largest spread of a list,
    so benefits lie in [-1, 0] whatever the cost scale (1e-6 and 1e6 behave the same).
