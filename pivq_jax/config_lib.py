@@ -381,14 +381,17 @@ def check_config(config, *, num_devices: int) -> None:
                       f"eval.num_real={ev.num_real}); raise them or set num_samples=0.")
   # Evaluators encode fixed subsets in whole global batches (pipeline.subset_batches): a
   # subset smaller than one batch would stop the first eval, after training has compiled.
-  for count, name, batch, batch_name in (
-      (ev.num_examples, "eval.num_examples", ev.batch_size, "eval.batch_size"),
-      (ev.probe_examples, "eval.probe_examples", ev.batch_size, "eval.batch_size"),
-      (ev.dci_train_examples, "eval.dci_train_examples", ev.batch_size, "eval.batch_size"),
-      (ev.dci_test_examples, "eval.dci_test_examples", ev.batch_size, "eval.batch_size"),
-      (ev.num_real if ev.num_samples else 0, "eval.num_real", ev.feature_batch_size,
-       "eval.feature_batch_size")):
-    if 0 < count < batch:
+  for evaluator, count, name, batch, batch_name in (
+      (None, ev.num_examples, "eval.num_examples", ev.batch_size, "eval.batch_size"),
+      ("probing", ev.probe_examples, "eval.probe_examples", ev.batch_size,
+       "eval.batch_size"),
+      ("disentanglement", ev.dci_train_examples, "eval.dci_train_examples", ev.batch_size,
+       "eval.batch_size"),
+      ("disentanglement", ev.dci_test_examples, "eval.dci_test_examples", ev.batch_size,
+       "eval.batch_size"),
+      ("generative", ev.num_real if ev.num_samples else 0, "eval.num_real",
+       ev.feature_batch_size, "eval.feature_batch_size")):
+    if 0 < count < batch and evaluator in (None,) + tuple(ev.evaluators):
       raise ConfigError(f"{name}={count} is fewer than one global eval batch ({batch_name}="
                         f"{batch}); raise it or lower {batch_name}.")
   ip = config.interpolate
