@@ -131,7 +131,7 @@ def _check_round_counts(info):
   each image's rounds over all levels include them, and the loops ran at least as long as
   the slowest image (the batch moves in lock step)."""
   per_level = np.asarray(info["level_rounds"])
-  levels = sorted(set(c for c in auction.LADDER if c < 64)) + [64]
+  levels = auction.list_lengths(64, 512)
   accepted = [levels.index(c) for c in np.asarray(info["level"])]
   np.testing.assert_array_equal(per_level[np.arange(len(accepted)), accepted],
                                 info["rounds"])

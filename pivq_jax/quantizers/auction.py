@@ -327,6 +327,14 @@ def _codes(cand, slot):
   return jnp.take_along_axis(cand, jnp.maximum(slot, 0)[..., None], axis=-1)[..., 0]
 
 
+def list_lengths(l: int, k: int) -> list[int]:
+  """The candidate-list lengths tried for L latents and K codes, cheapest first: the
+  LADDER sizes below the final C = min(K, max(L, 2)) (2 even for L = 1, so a "second
+  best" exists), then that one. info["level_rounds"] has one column per entry."""
+  final_c = min(k, max(l, 2))
+  return sorted(set(c for c in LADDER if c < final_c)) + [final_c]
+
+
 def auction_solve(cost, *, max_rounds=None):
   """Auction (PI-VQ paper §3.4 matching) on cost float[B, L, K] -> (int32[B, L], info).
 
@@ -349,8 +357,8 @@ def auction_solve(cost, *, max_rounds=None):
   cost = cost.astype(jnp.float32)
   finite = jnp.all(jnp.isfinite(cost), axis=(1, 2))
   cost = jnp.where(jnp.isfinite(cost), cost, 0.0)
-  final_c = min(k, max(l, 2))  # 2 candidates even for L = 1, so "second best" exists
-  levels = sorted(set(c for c in LADDER if c < final_c)) + [final_c]
+  levels = list_lengths(l, k)
+  final_c = levels[-1]
   res = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
          "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
          "rounds": jnp.zeros((bsz,), jnp.int32), "scale": jnp.ones((bsz,), jnp.float32),
