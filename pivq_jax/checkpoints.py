@@ -41,7 +41,8 @@ def check_workdir(workdir, *, write: bool) -> None:
     check_writable(root, "--workdir")
 
 
-def check_writable(directory, what: str) -> None:
+def check_writable(directory, what: str,
+                   fix: str = "fix its permissions or choose a writable directory") -> None:
   """Creates `directory` if needed and proves a file can be written there."""
   directory = epath.Path(directory)
   probe = directory / f".write_test_{socket.gethostname()}_{os.getpid()}"
@@ -51,8 +52,7 @@ def check_writable(directory, what: str) -> None:
     probe.unlink()
   except OSError as e:
     raise WorkdirError(f"{what} {directory} is not writable ({type(e).__name__}: "
-                       f"{getattr(e, 'strerror', None) or e}); fix its permissions or choose "
-                       "a writable directory.") from None
+                       f"{getattr(e, 'strerror', None) or e}); {fix}.") from None
 
 
 LOCK = ".pivq_jax.lock"

@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.name = "faces"  # faces | celeba | celebahq | shapes3d | image_folder
   c.data.data_dir = config_dict.placeholder(str)  # TFDS data dir, or the image folder
   c.data.resolution = 64
-  c.data.test_fraction = 0.1  # image_folder and shapes3d: held-out share (choice)
+  c.data.test_fraction = 0.1  # image_folder, celebahq, shapes3d: held-out share (choice)
   c.data.num_threads = 2  # grain reader threads per process
   # image_folder: unreadable files are skipped and counted; the run stops only when their
   # share of the files read passes this (choice).

@@ -53,6 +53,12 @@ class Experiment:
     checkpoints.check_workdir(workdir, write=mode == "train")
     if self.output_dir != workdir:
       checkpoints.check_writable(self.output_dir, "--config.output_dir")
+    elif mode in ("eval", "sample", "interpolate"):
+      # They write their results into the workdir: a read-only one fails now, not after
+      # the compute.
+      checkpoints.check_writable(
+          workdir, "The workdir", f"--mode={mode} writes its results there: fix its "
+          "permissions or set --config.output_dir to a writable directory")
     self.mngr = checkpoints.manager(workdir, keep=config.keep_checkpoints)
     if mode != "train":  # every other mode reads a trained checkpoint
       if self.mngr.latest_step() is None:

@@ -259,7 +259,8 @@ def _lowered_step(c) -> str:
   r = c.data.resolution
   batch = {"image": jax.ShapeDtypeStruct((c.batch_size, r, r, 3), jnp.uint8)}
   step = functools.partial(train_pivq.train_step, model=modules.model, disc=modules.disc,
-                           tx=modules.tx, config=c, quantize=True, adversarial_on=True)
+                           tx=modules.tx, disc_tx=modules.disc_tx, config=c, quantize=True,
+                           adversarial_on=True)
   return jax.jit(step).lower(abstract, batch, None).as_text()
 
 

@@ -162,6 +162,21 @@ def test_export_and_eval_into_writable_directories_from_a_read_only_run(
   assert sorted(os.listdir(trained_copy)) == ["checkpoints", "config.json"]
 
 
+@pytest.mark.parametrize("mode", ["eval", "sample", "interpolate"])
+def test_reading_modes_refuse_a_read_only_workdir_before_computing(
+    tiny, trained_copy, monkeypatch, mode):
+  # Root ignores permission bits: writes under the workdir are made to fail instead.
+  real_write = epath.Path.write_text
+  def write_text(self, *args, **kwargs):
+    if str(self).startswith(trained_copy):
+      raise PermissionError(13, "Permission denied")
+    return real_write(self, *args, **kwargs)
+  monkeypatch.setattr(epath.Path, "write_text", write_text)
+  monkeypatch.setattr(checkpoints, "restore_latest", lambda *a, **k: pytest.fail("restored"))
+  with pytest.raises(checkpoints.WorkdirError, match="not writable.*output_dir"):
+    runner.run(tiny, trained_copy, mode=mode)
+
+
 def test_params_fingerprint_tells_weights_apart():
   a = {"w": np.ones((2, 3), np.float32)}
   b = {"w": np.ones((2, 3), np.float32) * (1 + 1e-7)}

@@ -34,6 +34,14 @@ print("PROCESS", jax.process_index(), "OF", jax.process_count(), "DEVICES", jax.
 c = tiny_config()
 c.update(json.loads(sys.argv[1]))
 print("RESULTS " + json.dumps(runner.run(c, sys.argv[2])), flush=True)
+if jax.process_count() > 1:  # an evaluator's labels come from every host, as its outputs
+  from pivq_jax.data import faces
+  from pivq_jax.evaluators import common
+  out, kept = common.map_subset(
+      jax.jit(lambda x: x.astype("float32").mean((1, 2, 3))),
+      faces.FacesSource(resolution=32, split="test"), 16, 8,
+      sharding.batch_sharding(sharding.make_mesh(-1, 1, 1)), keep=("factors",))
+  print("SUBSET " + json.dumps([out.tolist(), kept["factors"].tolist()]), flush=True)
 """
 # One eval, at the end; no LPIPS (another conv net, for CI time); D and its BatchNorm stay.
 # The GAN starts with quantization, so two step variants compile, not three: the one left
@@ -125,6 +133,19 @@ def test_two_processes_train_like_one(tmp_path, one_device):
     _assert_compiled_once_per_phase(log)
   for k in _COMPARED:  # every host computed the same global metrics
     assert r1[k] == r0[k], k
+  # An evaluator's subset (probing, DCI): every host holds the whole subset's outputs and
+  # its labels, row for row as one process does.
+  from pivq_jax.data import faces  # pylint: disable=g-import-not-at-top
+  from pivq_jax.evaluators import common  # pylint: disable=g-import-not-at-top
+  out, kept = common.map_subset(
+      jax.jit(lambda x: x.astype("float32").mean((1, 2, 3))),
+      faces.FacesSource(resolution=32, split="test"), 16, 8,
+      sharding.batch_sharding(sharding.make_mesh(-1, 1, 1)), keep=("factors",))
+  for log in (log0, log1):
+    line = next(l for l in log.splitlines() if l.startswith("SUBSET "))
+    got_out, got_factors = json.loads(line[len("SUBSET "):])
+    np.testing.assert_allclose(got_out, out, rtol=1e-6)
+    np.testing.assert_array_equal(got_factors, kept["factors"])
 
 
 def test_param_rules_split_big_leaves_and_replicate_small_ones():

@@ -94,6 +94,12 @@ def test_celebahq_config_choice_and_held_out_split(mock_tfds, tmp_path):
   quarter = celebahq_source(split="test", data_dir=str(tmp_path), resolution=256,
                             test_fraction=0.25)
   assert len(quarter) == 5
+  # The config's data.test_fraction reaches it.
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from pivq_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data = ml_collections.ConfigDict(dict(name="celebahq", data_dir=str(tmp_path),
+                                        resolution=256, test_fraction=0.25))
+  assert len(pipeline.make_source(data, "test")) == 5
 
 
 def test_argument_errors_come_before_any_tfds_work(tmp_path):

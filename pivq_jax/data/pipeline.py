@@ -48,7 +48,8 @@ def make_source(data, split: str):
   if data.name == "celebahq":
     from pivq_jax.data import tfds_sources
     return tfds_sources.celebahq_source(split=split, data_dir=data.data_dir,
-                                        resolution=data.resolution)
+                                        resolution=data.resolution,
+                                        test_fraction=data.test_fraction)
   if data.name == "shapes3d":
     from pivq_jax.data import tfds_sources
     return tfds_sources.shapes3d_source(split=split, data_dir=data.data_dir,

@@ -18,8 +18,8 @@ def map_subset(fn, source, num: int, batch_size: int, sharding, keep: tuple[str,
       process_index=jax.process_index(), process_count=jax.process_count()):
     batch = sharding_lib.global_batch({"image": b["image"]}, sharding)
     outs.append(np.asarray(sharding_lib.to_host(fn(batch["image"]))))
-    for k in keep:
-      kept[k].append(b[k])
+    for k in keep:  # every host's rows, in the global batch's order, like the outputs
+      kept[k].append(sharding_lib.gather_rows(b[k]))
   return np.concatenate(outs), {k: np.concatenate(v) for k, v in kept.items()}
 
 

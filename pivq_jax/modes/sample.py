@@ -28,7 +28,8 @@ def run(config, workdir: str, mesh) -> dict:
     images.append(visualize.to_uint8(out[3][:n]))
     codes.append(np.asarray(out[2][:n]))
     if first is None:
-      first = [np.asarray(b["image"])[:sc.grid_images] for b in (batch_a, batch_b)]
+      # Global batches span every host's devices: gather before reading rows.
+      first = [sharding_lib.to_host(b["image"])[:sc.grid_images] for b in (batch_a, batch_b)]
       first.append(images[0][:sc.grid_images])
   images, codes = np.concatenate(images), np.concatenate(codes)
   out_dir = epath.Path(exp.output_dir) / "samples" / f"{step:08d}"

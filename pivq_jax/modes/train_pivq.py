@@ -30,7 +30,7 @@ from pivq_jax.quantizers import vq
 
 
 def train_step(state: train_state.TrainState, batch, lpips_params, *, model, disc, tx,
-               config, quantize: bool, adversarial_on: bool):
+               disc_tx, config, quantize: bool, adversarial_on: bool):
   """One G update (and one D update when `adversarial_on`).
 
   Both flags are static: `quantize` is False before T_q (delayed quantization, §3.7) and
@@ -97,7 +97,7 @@ def train_step(state: train_state.TrainState, batch, lpips_params, *, model, dis
 
     (d_loss, (disc_stats, lreal, lfake)), d_grads = jax.value_and_grad(
         d_loss_fn, has_aux=True)(disc_params, disc_stats)
-    d_updates, disc_opt_state = tx.update(d_grads, disc_opt_state, disc_params)
+    d_updates, disc_opt_state = disc_tx.update(d_grads, disc_opt_state, disc_params)
     disc_params = optax.apply_updates(disc_params, d_updates)
     metrics.update({"g_loss": g_loss, "d_loss": d_loss, "adaptive_weight": weight,
                     "logits_real": lreal, "logits_fake": lfake,
@@ -137,7 +137,8 @@ def jit_train_step(config, modules, shardings, mesh, *, quantize: bool = True,
   """The jitted update, state donated: (state, batch, lpips_params) -> (state, metrics).
   The loop and --mode=plan share it."""
   fn = functools.partial(train_step, model=modules.model, disc=modules.disc, tx=modules.tx,
-                         config=config, quantize=quantize, adversarial_on=adversarial_on)
+                         disc_tx=modules.disc_tx, config=config, quantize=quantize,
+                         adversarial_on=adversarial_on)
   in_shardings = (shardings, sharding_lib.batch_sharding(mesh), sharding_lib.replicated(mesh))
   return compile_cache.jit(
       "train_pivq", config, mesh,
