@@ -91,6 +91,9 @@ VARIANTS = {
     "output_pos1": dict(_SHORT, **{"model.output_pos_std": 1.0}),
     "positions1": dict(_SHORT, **{"model.input_pos_std": 1.0, "model.output_pos_std": 1.0}),
     "base_seed1": dict(_SHORT, **{"seed": 1}),
+    # Round 9: the conv trunk at PyTorch's Conv2d init (UT's code), 1/sqrt(3) of Flax's
+    # lecun-normal scale: the decoder starts with output std 0.58 instead of 1.12.
+    "torch_init": dict(_UNQ, **{"model.trunk_init": "torch"}),
     # Round 6: GroupNorm(8) at the 16-channel levels normalises pairs of channels per
     # image, which leaves little room for an image's overall colour; and a smaller batch
     # at the same images seen (twice the steps).
@@ -168,6 +171,7 @@ RUNS = {
                             "--config.loss.disc_start_step=2000"]),
 }
 SETS = {
+    "round9": ["torch_init"],
     "round8": ["nf8", "nf8_batch4"],
     "round6": ["groups1", "groups4", "batch4", "batch2"],
     "round5": ["output_pos1", "positions1", "base_seed1"],

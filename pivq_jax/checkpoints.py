@@ -208,7 +208,8 @@ _NOT_IDENTITY = {"data": ("data_dir", "num_threads", "max_unreadable_fraction")}
 _LEGACY_VALUES = {"factorqvae": {"image_offset": 0.0, "residual_gain": None,
                                  "distance": "squared", "straight_through": False,
                                  "qlae_codebook_init": "linspace"},
-                  "model": {"input_pos_std": 0.0, "output_pos_std": 0.0}}
+                  "model": {"input_pos_std": 0.0, "output_pos_std": 0.0,
+                            "trunk_init": "flax"}}
 
 
 def identity(config_json: dict) -> dict:

@@ -55,6 +55,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.tfm_mlp_dim = 512  # 4 * D
   c.model.ut_unused_skip = False  # UT quirk: unused 1x1 skip params (count parity only)
   c.model.norm_groups = 32  # UT's GroupNorm(32); narrow CPU trunks may want fewer
+  c.model.trunk_init = "flax"  # conv trunk init: flax (lecun normal) | torch (UT's) (choice)
   c.model.embed_std = 0.02  # init std of positional/query/output embeddings (choice)
   c.model.input_pos_std = 0.0  # encoder input positions' init std; 0: embed_std (choice)
   c.model.output_pos_std = 0.0  # decoder output embeddings' init std; 0: embed_std (choice)
@@ -356,6 +357,9 @@ def check_config(config, *, num_devices: int) -> None:
                       f"min(step, codebook_init.history_steps) steps x {per_step} per step), "
                       f"fewer than the K={q.num_codes} codes; raise "
                       "codebook_init.history_steps or latents_per_step.")
+  if config.family == "pivq" and config.model.get("trunk_init", "flax") not in trunk.INITS:
+    raise ConfigError(f"model.trunk_init is {config.model.trunk_init!r}; use one of "
+                      f"{', '.join(trunk.INITS)}.")
   if config.optim.decay not in ("constant", "cosine"):
     raise ConfigError(f"optim.decay is {config.optim.decay!r}; use 'constant' or 'cosine'.")
   if config.loss.lpips_net not in lpips.NETS:

@@ -153,6 +153,7 @@ def test_too_few_latents_for_the_codebook_kmeans(tiny):
     ("loss.lpips_net", "vgg19", "loss.lpips_net is 'vgg19'"),
     ("eval.lpips_net", "squeeze", "eval.lpips_net is 'squeeze'"),
     ("disc.diffaug", "color,cutout", "disc.diffaug is 'color,cutout'"),
+    ("model.trunk_init", "kaiming", "model.trunk_init is 'kaiming'"),
 ])
 def test_objective_fields_are_checked(tiny, field, value, expected):
   section, name = field.split(".")
@@ -198,6 +199,7 @@ def test_factorqvae_fields_reach_the_model(field, value):
 @pytest.mark.parametrize("section, field, value", [
     ("model", "embed_std", 0.5), ("model", "output_pos_std", 1.0),
     ("model", "norm_groups", 8), ("model", "ch_mult", (1, 2)),
+    ("model", "trunk_init", "torch"),
     ("quantizer", "beta", 0.5), ("quantizer", "solver", "sinkhorn"),
     ("disc", "n_layers", 2)])
 def test_pivq_fields_reach_the_modules(section, field, value):

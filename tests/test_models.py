@@ -1,5 +1,7 @@
 """The PI-VQ autoencoder: UT trunk parity, shapes, and order-free decoding."""
 
+import functools
+
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,34 @@ def test_position_init_scales(input_std, output_std):
   np.testing.assert_allclose(stds["input_positions"], input_std or 0.02, rtol=0.1)
   np.testing.assert_allclose(stds["output_embeddings"], output_std or 0.02, rtol=0.1)
   np.testing.assert_allclose(stds["latent_queries"], 0.02, rtol=0.15)
+
+
+def test_trunk_init_schemes():
+  """"flax": lecun-normal kernels and zero biases; "torch": PyTorch's Conv2d default, kernels
+  and biases uniform in +-1/sqrt(fan_in). The parameter tree is the same."""
+  enc = functools.partial(trunk.Encoder, nf=16, ch_mult=(1, 2), res_blocks=1,
+                          attn_resolutions=(8,), out_ch=32, norm_groups=4)
+  x = jnp.zeros((1, 16, 16, 3))
+  flax_p = jit_fast(enc().init)(_FAST_KEY, x)["params"]
+  torch_p = jit_fast(enc(init_scheme="torch").init)(_FAST_KEY, x)["params"]
+  assert jax.tree.structure(flax_p) == jax.tree.structure(torch_p)
+  convs = [(path, leaf) for path, leaf in jax.tree_util.tree_flatten_with_path(torch_p)[0]
+           if path[-1].key in ("kernel", "bias") and "GroupNorm" not in str(path)]
+  assert len(convs) > 20
+  for path, leaf in convs:
+    kernel = torch_p
+    for p in path[:-1]:
+      kernel = kernel[p.key]
+    kernel = kernel["kernel"]
+    bound = float(np.prod(kernel.shape[:-1])) ** -0.5
+    assert float(jnp.max(jnp.abs(leaf))) <= bound, path
+    if leaf.size >= 256:  # uniform in +-bound: std bound / sqrt(3)
+      np.testing.assert_allclose(float(jnp.std(leaf)), bound / 3 ** 0.5, rtol=0.15)
+  k = flax_p["Conv_0"]["kernel"]  # 3x3x3 -> 16: lecun normal, std 1/sqrt(27)
+  np.testing.assert_allclose(float(jnp.std(k)), 27 ** -0.5, rtol=0.2)
+  assert not np.any(flax_p["Conv_0"]["bias"]) and np.any(torch_p["Conv_0"]["bias"])
+  with pytest.raises(ValueError, match="Unknown trunk init"):
+    enc(init_scheme="kaiming").init(_FAST_KEY, x)
 
 
 def test_quantize_flag_bypasses_the_quantizer(small):

@@ -33,6 +33,8 @@ class PIVQAutoencoder(nn.Module):
     quantizer: the `vq.VectorQuantizer` (nearest or matching).
     ut_unused_skip: build UT's unused 1x1 skip convs (parameter-count parity only).
     norm_groups: GroupNorm groups in the trunk (UT: 32).
+    trunk_init: the conv trunk's initialisation, "flax" or "torch" (PyTorch's Conv2d
+      default, which UT's code gets); see `trunk` (choice).
     embed_std: init scale of the positional, query and output embeddings (choice).
     input_pos_std: init scale of the encoder's input positions alone; 0 = embed_std.
       They are added to conv features of unit scale, so at 0.02 the encoder starts
@@ -57,6 +59,7 @@ class PIVQAutoencoder(nn.Module):
   input_pos_std: float = 0.0
   output_pos_std: float = 0.0
   norm_groups: int = 32
+  trunk_init: str = "flax"
   dtype: Any = jnp.float32
 
   @property
@@ -66,7 +69,8 @@ class PIVQAutoencoder(nn.Module):
   def setup(self):
     trunk_kw = dict(nf=self.nf, ch_mult=tuple(self.ch_mult), res_blocks=self.res_blocks,
                     attn_resolutions=tuple(self.attn_resolutions), dtype=self.dtype,
-                    ut_unused_skip=self.ut_unused_skip, norm_groups=self.norm_groups)
+                    ut_unused_skip=self.ut_unused_skip, norm_groups=self.norm_groups,
+                    init_scheme=self.trunk_init)
     tfm_kw = dict(num_layers=self.tfm_layers, num_heads=self.tfm_heads,
                   mlp_dim=self.tfm_mlp_dim, dtype=self.dtype)
     n_tokens = self.grid * self.grid

@@ -5,10 +5,13 @@ Bond-Taylor et al. 2022) unchanged; see `spec/ut-reference.md`. With nf=128,
 ch_mult=(1, 1, 2, 2, 4), res_blocks=2, attention at 16 and D=256 these modules have exactly
 UT's parameter counts (encoder 30,349,568, decoder 35,020,291; see tests/test_models.py).
 
-Layout is NHWC (TPU/GPU-native) instead of UT's NCHW. Initialisation is Flax's default
-(lecun normal), not PyTorch's: the spec marks it a choice.
+Layout is NHWC (TPU/GPU-native) instead of UT's NCHW. Initialisation (`init_scheme`, a
+choice the spec leaves open): "flax", Flax's default (lecun-normal kernels, zero biases),
+or "torch", PyTorch's Conv2d default that UT's code gets (kernels and biases uniform in
++-1/sqrt(fan_in): kernels at 1/sqrt(3) of lecun-normal's std).
 """
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
@@ -16,9 +19,24 @@ import jax
 import jax.numpy as jnp
 
 
+INITS = ("flax", "torch")
+
+
 def _group_norm(groups: int):
   # UT: GroupNorm(32 groups, eps=1e-6, affine).
   return nn.GroupNorm(num_groups=groups, epsilon=1e-6)
+
+
+def _conv(in_ch: int, features: int, kernel: int, init: str, dtype, **kw) -> nn.Conv:
+  """nn.Conv with the trunk's initialisation (module docstring)."""
+  if init == "torch":
+    bound = (kernel * kernel * in_ch) ** -0.5
+    kw.update(kernel_init=nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform"),
+              bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+                  key, shape, dtype, -bound, bound))
+  elif init != "flax":
+    raise ValueError(f"Unknown trunk init {init!r}; use one of {INITS}.")
+  return nn.Conv(features, (kernel, kernel), dtype=dtype, **kw)
 
 
 class ResBlock(nn.Module):
@@ -32,17 +50,19 @@ class ResBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   ut_unused_skip: bool = False
   norm_groups: int = 32
+  init_scheme: str = "flax"
 
   @nn.compact
   def __call__(self, x):
+    c, i = x.shape[-1], self.init_scheme
     h = nn.swish(_group_norm(self.norm_groups)(x))
-    h = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype)(h)
+    h = _conv(c, self.out_ch, 3, i, self.dtype, padding=1)(h)
     h = nn.swish(_group_norm(self.norm_groups)(h))
-    h = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype)(h)
-    if x.shape[-1] != self.out_ch:
-      x = nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="conv_out")(x)
+    h = _conv(self.out_ch, self.out_ch, 3, i, self.dtype, padding=1)(h)
+    if c != self.out_ch:
+      x = _conv(c, self.out_ch, 1, i, self.dtype, name="conv_out")(x)
     elif self.ut_unused_skip:
-      nn.Conv(self.out_ch, (1, 1), dtype=self.dtype, name="conv_out")(x)  # result unused
+      _conv(c, self.out_ch, 1, i, self.dtype, name="conv_out")(x)  # result unused
     return x + h
 
 
@@ -50,37 +70,42 @@ class AttnBlock(nn.Module):
   """UT's single-head spatial self-attention with 1x1 q/k/v/proj and scale C^-1/2."""
   dtype: jnp.dtype = jnp.float32
   norm_groups: int = 32
+  init_scheme: str = "flax"
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     y = _group_norm(self.norm_groups)(x)
-    q, k, v = (nn.Conv(c, (1, 1), dtype=self.dtype, name=n)(y) for n in "qkv")
+    q, k, v = (_conv(c, c, 1, self.init_scheme, self.dtype, name=n)(y) for n in "qkv")
     q, k, v = (t.reshape(b, h * w, c) for t in (q, k, v))
     attn = jnp.einsum("bqc,bkc->bqk", q, k) * (c ** -0.5)
     attn = jax.nn.softmax(attn.astype(jnp.float32), axis=-1).astype(v.dtype)
     y = jnp.einsum("bqk,bkc->bqc", attn, v).reshape(b, h, w, c)
-    return x + nn.Conv(c, (1, 1), dtype=self.dtype, name="proj_out")(y)
+    return x + _conv(c, c, 1, self.init_scheme, self.dtype, name="proj_out")(y)
 
 
 class Downsample(nn.Module):
   """Pad right/bottom by one, then a stride-2 3x3 conv with no other padding (UT)."""
   dtype: jnp.dtype = jnp.float32
+  init_scheme: str = "flax"
 
   @nn.compact
   def __call__(self, x):
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return nn.Conv(x.shape[-1], (3, 3), strides=2, padding="VALID", dtype=self.dtype)(x)
+    c = x.shape[-1]
+    return _conv(c, c, 3, self.init_scheme, self.dtype, strides=2, padding="VALID")(x)
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour x2, then a 3x3 conv."""
   dtype: jnp.dtype = jnp.float32
+  init_scheme: str = "flax"
 
   @nn.compact
   def __call__(self, x):
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return nn.Conv(x.shape[-1], (3, 3), padding=1, dtype=self.dtype)(x)
+    c = x.shape[-1]
+    return _conv(c, c, 3, self.init_scheme, self.dtype, padding=1)(x)
 
 
 class Encoder(nn.Module):
@@ -93,26 +118,31 @@ class Encoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   ut_unused_skip: bool = False
   norm_groups: int = 32
+  init_scheme: str = "flax"
 
   @nn.compact
   def __call__(self, x):
-    res = x.shape[1]
-    x = nn.Conv(self.nf, (3, 3), padding=1, dtype=self.dtype)(x.astype(self.dtype))
+    res, i = x.shape[1], self.init_scheme
+    block = functools.partial(ResBlock, dtype=self.dtype, ut_unused_skip=self.ut_unused_skip,
+                              norm_groups=self.norm_groups, init_scheme=i)
+    attn = functools.partial(AttnBlock, dtype=self.dtype, norm_groups=self.norm_groups,
+                             init_scheme=i)
+    x = _conv(x.shape[-1], self.nf, 3, i, self.dtype, padding=1)(x.astype(self.dtype))
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.res_blocks):
-        x = ResBlock(self.nf * mult, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
+        x = block(self.nf * mult)(x)
         if res in self.attn_resolutions:
-          x = AttnBlock(self.dtype, self.norm_groups)(x)
+          x = attn()(x)
       if level != len(self.ch_mult) - 1:
-        x = Downsample(self.dtype)(x)
+        x = Downsample(self.dtype, i)(x)
         res //= 2
     ch = x.shape[-1]
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
-    x = AttnBlock(self.dtype, self.norm_groups)(x)
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
+    x = block(ch)(x)
+    x = attn()(x)
+    x = block(ch)(x)
     x = _group_norm(self.norm_groups)(x)
     # UT applies no swish before this final conv.
-    return nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype)(x)
+    return _conv(ch, self.out_ch, 3, i, self.dtype, padding=1)(x)
 
 
 class Decoder(nn.Module):
@@ -125,29 +155,33 @@ class Decoder(nn.Module):
   dtype: jnp.dtype = jnp.float32
   ut_unused_skip: bool = False
   norm_groups: int = 32
+  init_scheme: str = "flax"
 
   @nn.compact
   def __call__(self, x):
-    res = x.shape[1]
+    res, i = x.shape[1], self.init_scheme
+    block = functools.partial(ResBlock, dtype=self.dtype, ut_unused_skip=self.ut_unused_skip,
+                              norm_groups=self.norm_groups, init_scheme=i)
+    attn = functools.partial(AttnBlock, dtype=self.dtype, norm_groups=self.norm_groups,
+                             init_scheme=i)
     ch = self.nf * self.ch_mult[-1]
-    x = nn.Conv(ch, (3, 3), padding=1, dtype=self.dtype)(x.astype(self.dtype))
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
-    x = AttnBlock(self.dtype, self.norm_groups)(x)
-    x = ResBlock(ch, self.dtype, self.ut_unused_skip, self.norm_groups)(x)
+    x = _conv(x.shape[-1], ch, 3, i, self.dtype, padding=1)(x.astype(self.dtype))
+    x = block(ch)(x)
+    x = attn()(x)
+    x = block(ch)(x)
     for level in reversed(range(len(self.ch_mult))):
       for _ in range(self.res_blocks):
-        x = ResBlock(self.nf * self.ch_mult[level], self.dtype, self.ut_unused_skip,
-                     self.norm_groups)(x)
+        x = block(self.nf * self.ch_mult[level])(x)
         if res in self.attn_resolutions:
-          x = AttnBlock(self.dtype, self.norm_groups)(x)
+          x = attn()(x)
       if level != 0:
-        x = Upsample(self.dtype)(x)
+        x = Upsample(self.dtype, i)(x)
         res *= 2
     x = _group_norm(self.norm_groups)(x)
     # The adaptive GAN weight differentiates w.r.t. this conv's kernel (UT's "last layer"),
     # which needs only its input: see `adversarial.last_layer_grads`.
     self.sow("intermediates", "final_conv_input", x)
-    x = nn.Conv(self.out_ch, (3, 3), padding=1, dtype=self.dtype, name="conv_out")(x)
+    x = _conv(x.shape[-1], self.out_ch, 3, i, self.dtype, padding=1, name="conv_out")(x)
     return x.astype(jnp.float32)
 
 
