@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 
 from conftest import REPO
+from conftest import subprocess_env
 from conftest import tiny_config
 from pivq_jax import config_lib
 from pivq_jax import export
@@ -251,7 +252,7 @@ def test_api_matches_the_export_and_the_example_runs(trained, tmp_path):
   proc = subprocess.run(
       [sys.executable, "examples/faces_api.py", f"--workdir={trained}",
        f"--export_dir={tmp_path / 'codes'}", f"--out={out}", "--num=4"],
-      cwd=REPO, capture_output=True, text=True, timeout=600)
+      cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   r = c.data.resolution
   assert Image.open(out).size == (4 * (r + 2) + 2, 5 * (r + 2) + 2)
