@@ -129,3 +129,18 @@ def test_prdc_rejects_bad_inputs():
     generative.compute_prdc(np.zeros((5, 3)), np.zeros((10, 3)))
   with pytest.raises(ValueError, match=r"\[N, D\] and \[M, D\]"):
     generative.compute_prdc(np.zeros((10, 3)), np.zeros((10, 4)))
+
+
+def test_real_feature_cache_key_follows_the_data():
+  """The real-feature cache is keyed on a fingerprint of the split: a file added, removed
+  or replaced in place gives another key; the same data gives the same key."""
+  # pylint: disable-next=g-import-not-at-top
+  from pivq_jax.evaluators import generative as generative_evaluator
+  rng = np.random.default_rng(0)
+  images = [{"image": rng.integers(0, 256, (8, 8, 3), np.uint8)} for _ in range(40)]
+  key = generative_evaluator.data_fingerprint
+  assert key(images) == key([dict(x) for x in images])
+  assert key(images) != key(images[:-1])
+  changed = [dict(x) for x in images]
+  changed[-1] = {"image": 255 - images[-1]["image"]}  # the last image is always read
+  assert key(images) != key(changed)

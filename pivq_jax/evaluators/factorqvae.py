@@ -65,7 +65,9 @@ class Evaluator:
     exp.write_image(step, "recon", "eval/recon",
                     common.recon_grid(first, recon, exp.config.eval.grid_images))
     # Paper Figs. 2-4: what each latent does to the first eval image.
-    rows = np.asarray(self.traverse(state.params, pipeline.images(first)[:1]))
+    # The global batch's first image (process 0's), the same input on every host.
+    image = sharding_lib.gather_rows(first["image"][:1])[:1]
+    rows = np.asarray(self.traverse(state.params, pipeline.images({"image": image})))
     exp.write_image(step, "traversal", "eval/traversal",
                     visualize.grid([visualize.to_uint8(r) for r in rows]))
     return {f"eval/{k}": v for k, v in metrics.items()}
