@@ -189,8 +189,12 @@ class CheckpointError(ValueError):
 
 
 def _finite(tree) -> bool:
-  """On device (arrays sharded over hosts too), with the train step's own check."""
-  return bool(jax.jit(train_state.all_finite)(tree))
+  """On device (arrays sharded over hosts too): leaf by leaf, as the train step checks, or
+  in concatenated groups when the whole tree is on one device (compiles ~4x faster)."""
+  one_device = all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(tree)
+                   if isinstance(x, jax.Array))
+  check = train_state.all_finite_grouped if one_device else train_state.all_finite
+  return bool(jax.jit(check)(tree))
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:

@@ -37,12 +37,32 @@ class TrainState:
   history: jax.Array  # float32[W * n, D]: encoder outputs of the last W steps (§3.7)
 
 
+def _float_leaves(trees) -> list:
+  return [x for t in trees for x in jax.tree.leaves(t)
+          if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+
+
 def all_finite(*trees) -> jax.Array:
   """Whether every floating leaf of `trees` is finite: the per-step divergence check, a few
   reductions on device that the loop reads only when it logs, evaluates or saves."""
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for t in trees
-                            for x in jax.tree.leaves(t)
-                            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]))
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in _float_leaves(trees)]))
+
+
+# Leaves per concatenation in `all_finite_grouped`.
+_FINITE_GROUP = 64
+
+
+def all_finite_grouped(*trees) -> jax.Array:
+  """`all_finite` for trees on one device, in concatenated groups of leaves: XLA emits a
+  kernel per reduction, so a restored state's check (~800 leaves) compiles in a quarter of
+  the time (tiny config on a CPU: 0.7 s instead of 2.8). Not in the train step, where it
+  changes XLA's fusions of the rest of the step and so the trained figures' rounding; not
+  on several devices, where a concatenation would gather the shards."""
+  flat = [jnp.ravel(x) for x in _float_leaves(trees)]
+  if not flat:
+    return jnp.asarray(True)
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.concatenate(flat[i:i + _FINITE_GROUP])))
+                            for i in range(0, len(flat), _FINITE_GROUP)]))
 
 
 def module_fields(cls, section, **explicit) -> dict[str, Any]:

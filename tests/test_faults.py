@@ -83,6 +83,23 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_kept(tiny, trained_copy, ca
   assert _steps(trained_copy) == [3, 6] and _all_finite(trained_copy, 6)
 
 
+def test_non_finite_latest_checkpoint_is_passed_over(tmp_path, caplog):
+  # Restores check finiteness on device (in concatenated groups on one device).
+  good = {f"w{i}": np.full((i + 1, 2), float(i), np.float32) for i in range(100)}
+  good["count"] = np.int32(7)
+  bad = dict(good, w42=np.array(good["w42"]))
+  bad["w42"][-1, -1] = np.nan
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0])), good)
+  with ocp.CheckpointManager(tmp_path / "checkpoints") as mngr:
+    checkpoints.save(mngr, 1, good)
+    checkpoints.save(mngr, 2, bad)
+    mngr.wait_until_finished()
+    restored = checkpoints.restore_latest(mngr, abstract)
+  assert "step 2" in caplog.text and "holds NaN or Inf" in caplog.text
+  jax.tree.map(np.testing.assert_array_equal, restored, good)
+
+
 def test_no_readable_checkpoint_is_one_sentence(tiny, trained_copy):
   _corrupt(trained_copy, 3)
   _corrupt(trained_copy, 6)
