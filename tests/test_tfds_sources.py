@@ -203,7 +203,8 @@ def test_shapes3d_hashed_split_is_disjoint_deterministic_and_picklable(mock_tfds
     train[1.0]
 
 
-def test_shapes3d_resizes_and_feeds_grain_through_the_pipeline(mock_tfds, tmp_path):
+def test_shapes3d_resizes_and_feeds_grain_through_the_pipeline(mock_tfds, tmp_path,
+                                                               monkeypatch):
   import grain
   import ml_collections
 
@@ -217,9 +218,14 @@ def test_shapes3d_resizes_and_feeds_grain_through_the_pipeline(mock_tfds, tmp_pa
   batch = grain.MapDataset.source(src).shuffle(seed=0).batch(4)[0]
   assert batch["image"].shape == (4, 32, 32, 3) and batch["factors"].shape == (4, 6)
   assert len(pipeline.make_source(data, "test")) == N - len(src)
-  with pytest.raises(ValueError, match="data_dir"):
-    pipeline.check_data_config(ml_collections.ConfigDict(dict(name="shapes3d",
-                                                              data_dir="")))
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
+  unset = ml_collections.ConfigDict(dict(name="shapes3d", data_dir="", resolution=32,
+                                         test_fraction=0.5))
+  with pytest.raises(ValueError, match=r"data_dir=/path/to/it \(or \$TFDS_DATA_DIR\)"):
+    pipeline.check_data_config(unset)
+  # Unset, it is $TFDS_DATA_DIR (the README's promise).
+  monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))
+  assert len(pipeline.make_source(unset, "train")) == len(src)
 
 
 # --- A real prepared celeb_a_hq/16 (no mocking) ----------------------------------------

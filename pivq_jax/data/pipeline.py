@@ -20,18 +20,28 @@ _NEEDS_DATA_DIR = {"celeba": "TFDS data dir", "celebahq": "TFDS data dir",
                    "shapes3d": "TFDS data dir", "image_folder": "image folder"}
 
 
+def data_dir(data) -> str | None:
+  """data.data_dir, or for TFDS datasets $TFDS_DATA_DIR when it is unset."""
+  if data.data_dir:
+    return data.data_dir
+  if _NEEDS_DATA_DIR.get(data.name) == "TFDS data dir":
+    return os.environ.get("TFDS_DATA_DIR") or None
+  return None
+
+
 def check_data_config(data) -> None:
   """Cheap checks that fail before anything compiles (unknown name, missing directory)."""
   if data.name not in DATASETS:
     raise ValueError(f"Unknown dataset name {data.name!r}; set --config.data.name to one "
                      f"of {', '.join(DATASETS)}.")
   if data.name in _NEEDS_DATA_DIR:
-    what = _NEEDS_DATA_DIR[data.name]
-    if not data.data_dir:
+    what, where = _NEEDS_DATA_DIR[data.name], data_dir(data)
+    if not where:
+      tfds_env = " (or $TFDS_DATA_DIR)" if what == "TFDS data dir" else ""
       raise ValueError(f"Dataset {data.name!r} reads from a {what}; set "
-                       f"--config.data.data_dir=/path/to/it.")
-    if "://" not in data.data_dir and not os.path.isdir(data.data_dir):
-      raise FileNotFoundError(f"The {what} {data.data_dir!r} for dataset {data.name!r} "
+                       f"--config.data.data_dir=/path/to/it{tfds_env}.")
+    if "://" not in where and not os.path.isdir(where):
+      raise FileNotFoundError(f"The {what} {where!r} for dataset {data.name!r} "
                               "does not exist; fix --config.data.data_dir.")
 
 
@@ -43,16 +53,16 @@ def make_source(data, split: str):
     return faces.FacesSource(resolution=data.resolution, split=split)
   if data.name == "celeba":
     from pivq_jax.data import tfds_sources
-    return tfds_sources.celeba_source(split=split, data_dir=data.data_dir,
+    return tfds_sources.celeba_source(split=split, data_dir=data_dir(data),
                                       resolution=data.resolution)
   if data.name == "celebahq":
     from pivq_jax.data import tfds_sources
-    return tfds_sources.celebahq_source(split=split, data_dir=data.data_dir,
+    return tfds_sources.celebahq_source(split=split, data_dir=data_dir(data),
                                         resolution=data.resolution,
                                         test_fraction=data.test_fraction)
   if data.name == "shapes3d":
     from pivq_jax.data import tfds_sources
-    return tfds_sources.shapes3d_source(split=split, data_dir=data.data_dir,
+    return tfds_sources.shapes3d_source(split=split, data_dir=data_dir(data),
                                         resolution=data.resolution,
                                         test_fraction=data.test_fraction)
   from pivq_jax.data import image_folder
