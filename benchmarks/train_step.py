@@ -52,7 +52,7 @@ def compile_variant(config, batch, *, quantize: bool, adversarial_on: bool):
   state, _ = train_state.create_train_state(config, modules, mesh)
   lp = lpips.load_lpips_params(config.loss.lpips_net) if config.loss.lpips_weight else None
   step = jax.jit(functools.partial(train_pivq.train_step, model=model, disc=disc, tx=tx,
-                                   config=config, quantize=quantize,
+                                   disc_tx=modules.disc_tx, config=config, quantize=quantize,
                                    adversarial_on=adversarial_on), donate_argnums=0)
   compiled = step.lower(state, batch, lp).compile()
   cost = compiled.cost_analysis()

@@ -43,7 +43,8 @@ def check_workdir(workdir, *, write: bool) -> None:
 
 def check_writable(directory, what: str,
                    fix: str = "fix its permissions or choose a writable directory") -> None:
-  """Creates `directory` if needed and proves a file can be written there."""
+  """Creates `directory` if needed and proves a file can be written there; the error
+  names `what` and ends with `fix`."""
   directory = epath.Path(directory)
   probe = directory / f".write_test_{socket.gethostname()}_{os.getpid()}"
   try:

@@ -125,15 +125,6 @@ def to_host(tree):
   return jax.tree.map(get, tree)
 
 
-def gather_rows(local: np.ndarray) -> np.ndarray:
-  """This host's rows of a global batch (host numpy) -> every host's, in the global batch's
-  order (hosts hold consecutive blocks, see `global_batch`): what `to_host` gives for
-  arrays computed on that batch."""
-  if jax.process_count() == 1:
-    return np.asarray(local)
-  return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
-
-
 def per_example(fn, x: jax.Array) -> jax.Array:
   """Runs `fn` on each device's own rows of `x` [B, ...] when a mesh is set.
 

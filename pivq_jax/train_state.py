@@ -48,21 +48,25 @@ def all_finite(*trees) -> jax.Array:
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in _float_leaves(trees)]))
 
 
-# Leaves per concatenation in `all_finite_grouped`.
+# Leaves per concatenation in `all_finite_grouped`, and the largest leaf grouped (bytes):
+# big leaves are checked one by one, so a group never copies more than 64 MiB.
 _FINITE_GROUP = 64
+_FINITE_GROUP_MAX_BYTES = 2 ** 20
 
 
 def all_finite_grouped(*trees) -> jax.Array:
-  """`all_finite` for trees on one device, in concatenated groups of leaves: XLA emits a
-  kernel per reduction, so a restored state's check (~800 leaves) compiles in a quarter of
-  the time (tiny config on a CPU: 0.7 s instead of 2.8). Not in the train step, where it
-  changes XLA's fusions of the rest of the step and so the trained figures' rounding; not
-  on several devices, where a concatenation would gather the shards."""
-  flat = [jnp.ravel(x) for x in _float_leaves(trees)]
-  if not flat:
-    return jnp.asarray(True)
-  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(jnp.concatenate(flat[i:i + _FINITE_GROUP])))
-                            for i in range(0, len(flat), _FINITE_GROUP)]))
+  """`all_finite` for trees on one device, its small leaves in concatenated groups: XLA
+  emits a kernel per reduction, so a restored state's check compiles about 3x faster (the
+  faces default's 929 leaves: 1.3 s instead of 4.2 on a CPU). Not in the train step, where
+  it changes XLA's fusions of the rest of the step and so the trained figures' rounding;
+  not on several devices, where a concatenation would gather the shards."""
+  leaves = _float_leaves(trees)
+  big = lambda x: jnp.size(x) * jnp.asarray(x).dtype.itemsize > _FINITE_GROUP_MAX_BYTES
+  small = [jnp.ravel(x) for x in leaves if not big(x)]
+  checks = [jnp.all(jnp.isfinite(x)) for x in leaves if big(x)]
+  checks += [jnp.all(jnp.isfinite(jnp.concatenate(small[i:i + _FINITE_GROUP])))
+             for i in range(0, len(small), _FINITE_GROUP)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.asarray(True)
 
 
 def module_fields(cls, section, **explicit) -> dict[str, Any]:

@@ -125,7 +125,8 @@ def test_mesh_that_does_not_fit_the_devices(tiny, mesh, expected):
     (dict(name="image_folder", data_dir="/no/such/dir"), "does not exist"),
     (dict(name="celeba", data_dir=None), "data_dir"),
 ])
-def test_data_errors_come_before_compiling(tiny, tmp_path, data, expected):
+def test_data_errors_come_before_compiling(tiny, tmp_path, monkeypatch, data, expected):
+  monkeypatch.delenv("TFDS_DATA_DIR", raising=False)
   tiny.data.update(data)
   start = time.time()
   with pytest.raises((ValueError, FileNotFoundError)) as e:

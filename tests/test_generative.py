@@ -131,14 +131,19 @@ def test_prdc_rejects_bad_inputs():
     generative.compute_prdc(np.zeros((10, 3)), np.zeros((10, 4)))
 
 
-def test_real_feature_cache_key_follows_the_data():
+def test_real_feature_cache_key_follows_the_data(tmp_path):
   """The real-feature cache is keyed on a fingerprint of the split: a file added, removed
-  or replaced in place gives another key; the same data gives the same key."""
-  # pylint: disable-next=g-import-not-at-top
+  or a probed one replaced in place gives another cache file; the same data the same."""
+  # pylint: disable=g-import-not-at-top
+  import ml_collections
   from pivq_jax.evaluators import generative as generative_evaluator
+  # pylint: enable=g-import-not-at-top
   rng = np.random.default_rng(0)
   images = [{"image": rng.integers(0, 256, (8, 8, 3), np.uint8)} for _ in range(40)]
-  key = generative_evaluator.data_fingerprint
+  config = ml_collections.ConfigDict(dict(
+      data=dict(name="faces", resolution=8),
+      eval=dict(real_split="test", cache_dir=str(tmp_path))))
+  key = lambda source: generative_evaluator.real_features_path(config, source, 32)
   assert key(images) == key([dict(x) for x in images])
   assert key(images) != key(images[:-1])
   changed = [dict(x) for x in images]

@@ -271,19 +271,19 @@ def test_init_compiled_at_o1_on_cpu_gives_the_default_compiles_bits(tiny):
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_all_finite_finds_a_non_finite_value_in_any_leaf(bad, grouped):
-  """The divergence check (the step's leaf by leaf; a restore's in concatenated groups of
-  64 leaves): a bad value in any leaf or group, of any float dtype or a scalar, is found,
-  and integer leaves are not checked."""
+  """The divergence check (the step's leaf by leaf; a restore's small leaves in
+  concatenated groups of 64, big ones alone): a bad value in any leaf or group, of any
+  float dtype or a scalar, is found, and integer leaves are not checked."""
   all_finite = train_state.all_finite_grouped if grouped else train_state.all_finite
   rng = np.random.default_rng(0)
   tree = {f"w{i:03d}": rng.normal(size=(i % 5 + 1, 3)).astype(np.float32)
           for i in range(150)}
   tree.update(half=np.ones((4,), jnp.bfloat16), scalar=np.float32(2.0),
-              count=np.int32(-(2 ** 31)))
+              count=np.int32(-(2 ** 31)), big=np.zeros((300_000,), np.float32))  # > 1 MiB
   more = {"more": np.zeros((2,), np.float32)}
   check = jax.jit(all_finite)
   assert bool(check(tree, more))
-  for name in ("w000", "w077", "w149", "half", "scalar"):
+  for name in ("w000", "w077", "w149", "half", "scalar", "big"):
     broken = dict(tree)
     leaf = np.array(tree[name])
     leaf.reshape(-1)[-1] = bad

@@ -20,13 +20,15 @@ _NEEDS_DATA_DIR = {"celeba": "TFDS data dir", "celebahq": "TFDS data dir",
                    "shapes3d": "TFDS data dir", "image_folder": "image folder"}
 
 
+def _data_dir_and_origin(data) -> tuple[str | None, str]:
+  if data.data_dir or _NEEDS_DATA_DIR.get(data.name) != "TFDS data dir":
+    return data.data_dir or None, "--config.data.data_dir"
+  return os.environ.get("TFDS_DATA_DIR") or None, "$TFDS_DATA_DIR"
+
+
 def data_dir(data) -> str | None:
   """data.data_dir, or for TFDS datasets $TFDS_DATA_DIR when it is unset."""
-  if data.data_dir:
-    return data.data_dir
-  if _NEEDS_DATA_DIR.get(data.name) == "TFDS data dir":
-    return os.environ.get("TFDS_DATA_DIR") or None
-  return None
+  return _data_dir_and_origin(data)[0]
 
 
 def check_data_config(data) -> None:
@@ -35,14 +37,14 @@ def check_data_config(data) -> None:
     raise ValueError(f"Unknown dataset name {data.name!r}; set --config.data.name to one "
                      f"of {', '.join(DATASETS)}.")
   if data.name in _NEEDS_DATA_DIR:
-    what, where = _NEEDS_DATA_DIR[data.name], data_dir(data)
+    what, (where, origin) = _NEEDS_DATA_DIR[data.name], _data_dir_and_origin(data)
     if not where:
       tfds_env = " (or $TFDS_DATA_DIR)" if what == "TFDS data dir" else ""
       raise ValueError(f"Dataset {data.name!r} reads from a {what}; set "
                        f"--config.data.data_dir=/path/to/it{tfds_env}.")
-    if "://" not in where and not os.path.isdir(where):
+    if "://" not in where and not os.path.isdir(os.path.expanduser(where)):
       raise FileNotFoundError(f"The {what} {where!r} for dataset {data.name!r} "
-                              "does not exist; fix --config.data.data_dir.")
+                              f"does not exist; fix {origin}.")
 
 
 def make_source(data, split: str):

@@ -13,13 +13,16 @@ def map_subset(fn, source, num: int, batch_size: int, sharding, keep: tuple[str,
   """fn(global uint8 image batch) over the fixed subset `pipeline.subset_batches` picks
   -> (fn's outputs on the host, concatenated; {k: the items' field k} for k in keep)."""
   outs, kept = [], {k: [] for k in keep}
+  # On several hosts the kept fields take the images' placement, so that they come back
+  # row for row with the outputs, in the mesh's order of the global batch.
+  placed = keep if jax.process_count() > 1 else ()
   for b in pipeline.subset_batches(
       source, num_examples=num, batch_size=batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count()):
-    batch = sharding_lib.global_batch({"image": b["image"]}, sharding)
+    batch = sharding_lib.global_batch({k: b[k] for k in ("image", *placed)}, sharding)
     outs.append(np.asarray(sharding_lib.to_host(fn(batch["image"]))))
-    for k in keep:  # every host's rows, in the global batch's order, like the outputs
-      kept[k].append(sharding_lib.gather_rows(b[k]))
+    for k in keep:
+      kept[k].append(np.asarray(sharding_lib.to_host(batch[k])) if placed else b[k])
   return np.concatenate(outs), {k: np.concatenate(v) for k, v in kept.items()}
 
 

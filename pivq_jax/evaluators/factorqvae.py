@@ -4,6 +4,7 @@ reconstruction grid and latent traversals (paper Figs. 2-4)."""
 import functools
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -65,8 +66,10 @@ class Evaluator:
     exp.write_image(step, "recon", "eval/recon",
                     common.recon_grid(first, recon, exp.config.eval.grid_images))
     # Paper Figs. 2-4: what each latent does to the first eval image.
-    # The global batch's first image (process 0's), the same input on every host.
-    image = sharding_lib.gather_rows(first["image"][:1])[:1]
+    # Process 0's first image: a multi-host jit needs the same input on every host.
+    image = first["image"][:1]
+    if jax.process_count() > 1:
+      image = np.asarray(multihost_utils.broadcast_one_to_all(image))
     rows = np.asarray(self.traverse(state.params, pipeline.images({"image": image})))
     exp.write_image(step, "traversal", "eval/traversal",
                     visualize.grid([visualize.to_uint8(r) for r in rows]))

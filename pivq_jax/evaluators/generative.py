@@ -41,9 +41,21 @@ def fake_features_step(params, inception_params, batch_a, batch_b, key, *, model
 _inception_features = jax.jit(inception.features)
 
 
+def real_features_path(config, source, n: int):
+  """Where `real_features` caches n images' features: keyed on the data config (name,
+  location, resolution, split), the count and `data_fingerprint`, so that a folder
+  changed in place is not served stale features."""
+  data = {k: v for k, v in config.data.items() if k != "num_threads"}
+  key = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
+  key.update(data_fingerprint(source).encode())
+  return cache_dir(config) / "real_features" / (
+      f"{config.data.name}_{config.data.resolution}px_{config.eval.real_split}_{n}_"
+      f"{key.hexdigest()[:12]}.npy")
+
+
 def data_fingerprint(source, probes: int = 8) -> str:
   """The split's size and a hash of `probes` images spread over it: cheap (a few reads),
-  and it changes when files are added, removed or replaced."""
+  and it changes when the split's size or one of the probed images changes."""
   h = hashlib.sha256(str(len(source)).encode())
   for i in np.linspace(0, len(source) - 1, min(probes, len(source))).astype(int):
     h.update(np.ascontiguousarray(source[int(i)]["image"]).tobytes())
@@ -53,20 +65,12 @@ def data_fingerprint(source, probes: int = 8) -> str:
 def real_features(config, source, inception_params, sharding) -> np.ndarray:
   """Inception features of eval.num_real images of eval.real_split, cached on disk.
 
-  The cache key is the data config (name, location, resolution, split), the count and a
-  fingerprint of the data (`data_fingerprint`), so a dataset's features are computed once
-  and shared by every run and checkpoint, and a folder changed in place is not served stale
-  features.
+  Computed once per dataset and shared by every run and checkpoint (`real_features_path`).
   """
   e = config.eval
   n = min(e.num_real, len(source))
   n -= n % e.feature_batch_size
-  data = {k: v for k, v in config.data.items() if k != "num_threads"}
-  key = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
-  key.update(data_fingerprint(source).encode())
-  path = cache_dir(config) / "real_features" / (
-      f"{config.data.name}_{config.data.resolution}px_{e.real_split}_{n}_"
-      f"{key.hexdigest()[:12]}.npy")
+  path = real_features_path(config, source, n)
   if path.exists():
     logging.info("Real Inception features from the cache %s.", path)
     with path.open("rb") as f:

@@ -35,7 +35,7 @@ def _conv(in_ch: int, features: int, kernel: int, init: str, dtype, **kw) -> nn.
               bias_init=lambda key, shape, dtype=jnp.float32: jax.random.uniform(
                   key, shape, dtype, -bound, bound))
   elif init != "flax":
-    raise ValueError(f"Unknown trunk init {init!r}; use one of {INITS}.")
+    raise ValueError(f"Unknown trunk init {init!r}; use one of {', '.join(INITS)}.")
   return nn.Conv(features, (kernel, kernel), dtype=dtype, **kw)
 
 
@@ -54,15 +54,15 @@ class ResBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    c, i = x.shape[-1], self.init_scheme
+    c, scheme = x.shape[-1], self.init_scheme
     h = nn.swish(_group_norm(self.norm_groups)(x))
-    h = _conv(c, self.out_ch, 3, i, self.dtype, padding=1)(h)
+    h = _conv(c, self.out_ch, 3, scheme, self.dtype, padding=1)(h)
     h = nn.swish(_group_norm(self.norm_groups)(h))
-    h = _conv(self.out_ch, self.out_ch, 3, i, self.dtype, padding=1)(h)
+    h = _conv(self.out_ch, self.out_ch, 3, scheme, self.dtype, padding=1)(h)
     if c != self.out_ch:
-      x = _conv(c, self.out_ch, 1, i, self.dtype, name="conv_out")(x)
+      x = _conv(c, self.out_ch, 1, scheme, self.dtype, name="conv_out")(x)
     elif self.ut_unused_skip:
-      _conv(c, self.out_ch, 1, i, self.dtype, name="conv_out")(x)  # result unused
+      _conv(c, self.out_ch, 1, scheme, self.dtype, name="conv_out")(x)  # result unused
     return x + h
 
 
@@ -122,19 +122,19 @@ class Encoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    res, i = x.shape[1], self.init_scheme
+    res, scheme = x.shape[1], self.init_scheme
     block = functools.partial(ResBlock, dtype=self.dtype, ut_unused_skip=self.ut_unused_skip,
-                              norm_groups=self.norm_groups, init_scheme=i)
+                              norm_groups=self.norm_groups, init_scheme=scheme)
     attn = functools.partial(AttnBlock, dtype=self.dtype, norm_groups=self.norm_groups,
-                             init_scheme=i)
-    x = _conv(x.shape[-1], self.nf, 3, i, self.dtype, padding=1)(x.astype(self.dtype))
+                             init_scheme=scheme)
+    x = _conv(x.shape[-1], self.nf, 3, scheme, self.dtype, padding=1)(x.astype(self.dtype))
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.res_blocks):
         x = block(self.nf * mult)(x)
         if res in self.attn_resolutions:
           x = attn()(x)
       if level != len(self.ch_mult) - 1:
-        x = Downsample(self.dtype, i)(x)
+        x = Downsample(self.dtype, scheme)(x)
         res //= 2
     ch = x.shape[-1]
     x = block(ch)(x)
@@ -142,7 +142,7 @@ class Encoder(nn.Module):
     x = block(ch)(x)
     x = _group_norm(self.norm_groups)(x)
     # UT applies no swish before this final conv.
-    return _conv(ch, self.out_ch, 3, i, self.dtype, padding=1)(x)
+    return _conv(ch, self.out_ch, 3, scheme, self.dtype, padding=1)(x)
 
 
 class Decoder(nn.Module):
@@ -159,13 +159,13 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    res, i = x.shape[1], self.init_scheme
+    res, scheme = x.shape[1], self.init_scheme
     block = functools.partial(ResBlock, dtype=self.dtype, ut_unused_skip=self.ut_unused_skip,
-                              norm_groups=self.norm_groups, init_scheme=i)
+                              norm_groups=self.norm_groups, init_scheme=scheme)
     attn = functools.partial(AttnBlock, dtype=self.dtype, norm_groups=self.norm_groups,
-                             init_scheme=i)
+                             init_scheme=scheme)
     ch = self.nf * self.ch_mult[-1]
-    x = _conv(x.shape[-1], ch, 3, i, self.dtype, padding=1)(x.astype(self.dtype))
+    x = _conv(x.shape[-1], ch, 3, scheme, self.dtype, padding=1)(x.astype(self.dtype))
     x = block(ch)(x)
     x = attn()(x)
     x = block(ch)(x)
@@ -175,13 +175,13 @@ class Decoder(nn.Module):
         if res in self.attn_resolutions:
           x = attn()(x)
       if level != 0:
-        x = Upsample(self.dtype, i)(x)
+        x = Upsample(self.dtype, scheme)(x)
         res *= 2
     x = _group_norm(self.norm_groups)(x)
     # The adaptive GAN weight differentiates w.r.t. this conv's kernel (UT's "last layer"),
     # which needs only its input: see `adversarial.last_layer_grads`.
     self.sow("intermediates", "final_conv_input", x)
-    x = _conv(x.shape[-1], self.out_ch, 3, i, self.dtype, padding=1, name="conv_out")(x)
+    x = _conv(x.shape[-1], self.out_ch, 3, scheme, self.dtype, padding=1, name="conv_out")(x)
     return x.astype(jnp.float32)
 
 
