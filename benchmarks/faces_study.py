@@ -94,6 +94,10 @@ VARIANTS = {
     # Round 9: the conv trunk at PyTorch's Conv2d init (UT's code), 1/sqrt(3) of Flax's
     # lecun-normal scale: the decoder starts with output std 0.58 instead of 1.12.
     "torch_init": dict(_UNQ, **{"model.trunk_init": "torch"}),
+    # Round 11: a squared-error pixel term (PSNR's own measure) in place of L1, or beside
+    # it. Weight 5: 2 * 5 * |e| matches L1's unit gradient per pixel at |e| = 0.1 (20 dB).
+    "l2": dict(_UNQ, **{"loss.l1_weight": 0.0, "loss.l2_weight": 5.0}),
+    "l1_plus_l2": dict(_UNQ, **{"loss.l2_weight": 5.0}),
     # Round 6: GroupNorm(8) at the 16-channel levels normalises pairs of channels per
     # image, which leaves little room for an image's overall colour; and a smaller batch
     # at the same images seen (twice the steps).
@@ -171,6 +175,7 @@ RUNS = {
                             "--config.loss.disc_start_step=2000"]),
 }
 SETS = {
+    "round11": ["l2", "l1_plus_l2"],
     "round9": ["torch_init"],
     "round8": ["nf8", "nf8_batch4"],
     "round6": ["groups1", "groups4", "batch4", "batch2"],
@@ -321,7 +326,7 @@ def step_cost(name: str, steps: int = 5, rounds: int = 3) -> float:
   the time axis of the plot, independent of whatever else ran during the study."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np
-  from pivq_jax import config_lib
+  from pivq_jax import config_checks
   from pivq_jax import experiment
   from pivq_jax import train_state
   from pivq_jax.losses import lpips
@@ -335,7 +340,7 @@ def step_cost(name: str, steps: int = 5, rounds: int = 3) -> float:
     carry = (params, tx.init(params), params)
     run = lambda carry: fn(*carry, batch, lp)
   else:
-    config_lib.check_config(c, num_devices=jax.device_count())
+    config_checks.check_config(c, num_devices=jax.device_count())
     mesh = experiment.make_mesh(c)
     modules = train_state.build_modules(c)
     carry, shardings = train_state.create_train_state(c, modules, mesh)

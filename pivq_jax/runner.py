@@ -7,6 +7,7 @@ import jax
 import ml_collections
 
 from pivq_jax import checkpoints
+from pivq_jax import config_checks
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax.modes import evaluate
@@ -36,7 +37,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") ->
   if mode == "plan":
     return plan.run(config, workdir)
   # Everything a user can get wrong is checked before any compilation; the mesh first.
-  config_lib.check_config(config, num_devices=jax.device_count())
+  config_checks.check_config(config, num_devices=jax.device_count())
   mesh = experiment.make_mesh(config)
   if mode not in MODES:
     raise ValueError(f"Unknown --mode {mode!r}; use one of {', '.join(MODES)}.")

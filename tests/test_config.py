@@ -7,6 +7,7 @@ import jax
 import pytest
 
 from conftest import load_config
+from pivq_jax import config_checks
 from pivq_jax import config_lib
 from pivq_jax import runner
 from pivq_jax import train_state
@@ -22,7 +23,7 @@ def _one_sentence(message: str) -> None:
 @pytest.mark.parametrize("arg", [None, "runlocal"])
 def test_configs_load_validate_and_build(name, arg):
   c = load_config(name, arg)
-  config_lib.check_config(c, num_devices=1)
+  config_checks.check_config(c, num_devices=1)
   model = train_state.build_model(c)
   r = c.data.resolution
   shapes = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, r, r, 3),
@@ -34,7 +35,7 @@ def test_configs_load_validate_and_build(name, arg):
 def test_paper_hyperparameters():
   hq, ffhq, c64 = (load_config(n) for n in ("celebahq", "ffhq", "celeba64"))
   for c in (hq, ffhq, c64):  # the paper's batch per device; on one device, the paper's
-    config_lib.check_config(c, num_devices=1)
+    config_checks.check_config(c, num_devices=1)
   for c in (hq, ffhq):
     assert (c.data.resolution, c.model.num_latents, c.quantizer.num_codes) == (256, 512, 4096)
     assert (c.model.emb_dim, c.model.tfm_mlp_dim, c.model.tfm_layers) == (256, 1024, 4)
@@ -67,7 +68,7 @@ def test_faces_passes_through_every_training_phase(arg):
   ci, steps = c.codebook_init, c.num_train_steps
   assert 0 < ci.start_step < min(ci.reinit_steps) < c.loss.disc_start_step < steps
   assert c.loss.lpips_weight > 0 and c.loss.adversarial_weight > 0
-  config_lib.check_config(c, num_devices=1)
+  config_checks.check_config(c, num_devices=1)
 
 
 def test_faces_long_is_the_default_trained_longer():
@@ -84,7 +85,7 @@ def test_unknown_config_argument():
 
 def _check(c, devices=1):
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.check_config(c, num_devices=devices)
+    config_checks.check_config(c, num_devices=devices)
   _one_sentence(str(e.value))
   return str(e.value)
 
@@ -94,7 +95,7 @@ def test_l_greater_than_k_with_matching(tiny):
   tiny.model.num_latents, tiny.quantizer.num_codes = 32, 16
   assert "L <= K" in _check(tiny)
   tiny.quantizer.assignment = "nearest"  # nearest may repeat codes: L > K is fine
-  config_lib.check_config(tiny, num_devices=1)
+  config_checks.check_config(tiny, num_devices=1)
 
 
 def test_resolution_not_divisible_by_downsampling(tiny):
@@ -107,7 +108,7 @@ def test_batch_not_divisible_by_devices(tiny):
   assert "does not split over the mesh's 4 data x fsdp devices" in _check(tiny, devices=4)
   # The model axis holds copies of the same rows: 6 splits over data=2 x model=3.
   tiny.mesh.update(data=-1, model=3)
-  config_lib.check_config(tiny, num_devices=6)  # no error
+  config_checks.check_config(tiny, num_devices=6)  # no error
 
 
 @pytest.mark.parametrize("mesh, expected", [
@@ -217,23 +218,23 @@ def test_pivq_fields_reach_the_modules(section, field, value):
 def test_an_eval_subset_smaller_than_a_batch_is_refused_before_compiling(tiny, field):
   # On 4 devices the eval batches round up to 4; the tiny config's subsets hold them.
   # Before, such a subset stopped the first eval, after training had compiled.
-  config_lib.check_config(tiny, num_devices=4)
+  config_checks.check_config(tiny, num_devices=4)
   tiny.eval.feature_batch_size = 8
   tiny.eval[field] = 6  # above PRDC's nearest_k (3), below the batches (8)
   tiny.eval.batch_size = 8
   with pytest.raises(config_lib.ConfigError, match=f"eval.{field}=6 is fewer than one "
                      "global eval batch") as e:
-    config_lib.check_config(tiny, num_devices=4)
+    config_checks.check_config(tiny, num_devices=4)
   _one_sentence(str(e.value))
   if field != "num_examples":  # only the evaluators that read a subset check it
     tiny.eval.evaluators = ("reconstruction",)
-    config_lib.check_config(tiny, num_devices=4)
+    config_checks.check_config(tiny, num_devices=4)
 
 
 def test_unknown_evaluator_is_a_config_error(tiny):
   tiny.eval.evaluators = ("reconstruction", "fidd")
   with pytest.raises(config_lib.ConfigError, match="fidd") as e:
-    config_lib.check_config(tiny, num_devices=1)
+    config_checks.check_config(tiny, num_devices=1)
   _one_sentence(str(e.value))
 
 

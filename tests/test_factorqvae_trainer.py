@@ -13,6 +13,7 @@ import pytest
 
 from conftest import load_config
 from pivq_jax import compile_cache
+from pivq_jax import config_checks
 from pivq_jax import config_lib
 from pivq_jax import checkpoints
 from pivq_jax import runner
@@ -92,15 +93,15 @@ def test_factorqvae_config_errors():
   c = _tiny()
   c.factorqvae.variant = "vqvae"
   with pytest.raises(config_lib.ConfigError, match="factorqvae.variant"):
-    config_lib.check_config(c, num_devices=1)
+    config_checks.check_config(c, num_devices=1)
   c = _tiny()
   c.data.resolution = 30
   with pytest.raises(config_lib.ConfigError, match="not divisible"):
-    config_lib.check_config(c, num_devices=1)
+    config_checks.check_config(c, num_devices=1)
   c = _tiny()
   c.batch_size = 6  # halves of 3 over 2 devices
   with pytest.raises(config_lib.ConfigError, match="does not split"):
-    config_lib.check_config(c, num_devices=2)
+    config_checks.check_config(c, num_devices=2)
 
 
 def test_shapes3d_config_has_the_papers_hyperparameters():
@@ -112,7 +113,7 @@ def test_shapes3d_config_has_the_papers_hyperparameters():
                                                                         2e-5)
   assert (f.learning_rate, f.end_learning_rate, f.decay_steps) == (1e-3, 1.25e-6, 50_000)
   assert (c.eval.dci_train_examples, c.eval.dci_test_examples) == (10_000, 5_000)
-  config_lib.check_config(c, num_devices=8)
+  config_checks.check_config(c, num_devices=8)
 
 
 @pytest.mark.slow

@@ -11,6 +11,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pivq_jax import checkpoints
+from pivq_jax import config_checks
 from pivq_jax import config_lib
 from pivq_jax import runner
 from pivq_jax.modes import export_codes
@@ -227,7 +228,7 @@ def test_each_out_of_range_value_gets_its_sentence(tiny, field, value, allowed):
   section, _, leaf = field.rpartition(".")
   (tiny[section] if section else tiny)[leaf] = value
   with pytest.raises(config_lib.ConfigError) as e:
-    config_lib.check_config(tiny, num_devices=1)
+    config_checks.check_config(tiny, num_devices=1)
   assert str(e.value) == f"{field} is {value}; it must be {allowed}."
 
 
@@ -236,6 +237,6 @@ def test_quantizer_never_reached_but_codes_asked_for(tiny):
   tiny.codebook_init.reinit_steps = ()
   with pytest.raises(config_lib.ConfigError, match="never quantizes, yet eval.evaluators "
                      "asks for code sets"):
-    config_lib.check_config(tiny, num_devices=1)
+    config_checks.check_config(tiny, num_devices=1)
   tiny.eval.evaluators = ("reconstruction",)
-  config_lib.check_config(tiny, num_devices=1)  # an autoencoder-only study is fine
+  config_checks.check_config(tiny, num_devices=1)  # an autoencoder-only study is fine

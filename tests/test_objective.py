@@ -14,6 +14,7 @@ from conftest import SHARES_TINY_STEPS
 from conftest import FAST_COMPILE
 from conftest import jit_fast
 from pivq_jax import checkpoints
+from pivq_jax import config_checks
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax import runner
@@ -28,7 +29,7 @@ from pivq_jax.losses import lpips
 
 
 def _setup(config):
-  config_lib.check_config(config, num_devices=jax.device_count())  # as runner.run does
+  config_checks.check_config(config, num_devices=jax.device_count())  # as runner.run does
   mesh = experiment.make_mesh(config)
   modules = train_state.build_modules(config)
   model, disc, tx = modules.model, modules.disc, modules.tx
@@ -106,6 +107,18 @@ def test_step_adaptive_weight_equals_direct_autodiff_through_the_model(tiny):
   assert float(metrics["adaptive_weight"]) == pytest.approx(
       tiny.loss.adversarial_weight * float(w), rel=1e-3)
   assert float(metrics["nll"]) == pytest.approx(float(nll_value), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_l2_weight_adds_a_squared_error_term_to_the_nll(tiny):
+  tiny.loss.update(l1_weight=0.0, lpips_weight=0.0, l2_weight=2.0)
+  model, _, state, _, batch, lp, step = _setup(tiny)
+  _, metrics = step(False, False, fast=True)(state, batch, lp)
+  x = batch["image"].astype(jnp.float32) / 255.0
+  x_hat = jit_fast(lambda p: model.apply({"params": p}, x, quantize=False)[0])(state.params)
+  assert float(metrics["nll"]) == pytest.approx(2.0 * float(jnp.mean((x - x_hat) ** 2)),
+                                                rel=1e-5)
+  assert float(metrics["l1"]) > 0  # still reported, at weight 0
 
 
 @pytest.mark.slow

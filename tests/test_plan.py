@@ -6,6 +6,7 @@ import jax
 import pytest
 
 from conftest import SHARES_TINY_STEPS
+from pivq_jax import config_checks
 from pivq_jax import config_lib
 from pivq_jax.modes import plan
 from pivq_jax import runner
@@ -56,13 +57,13 @@ PAPER_CONFIGS = ("celeba64", "celebahq", "ffhq")
 def test_paper_configs_fit_common_device_counts(name, devices):
   from conftest import load_config  # pylint: disable=g-import-not-at-top
   c = load_config(name)
-  config_lib.check_config(c, num_devices=devices)
+  config_checks.check_config(c, num_devices=devices)
   per_device = 16 if name == "celeba64" else 4  # the paper's batch, on every device
   assert c.batch_size == per_device * devices
   assert config_lib.learning_rate(c) == pytest.approx(4.5e-6 * per_device * devices)
   c = load_config(name)
   c.batch_size = 256  # a global batch given directly wins, and the rate follows it
-  config_lib.check_config(c, num_devices=devices)
+  config_checks.check_config(c, num_devices=devices)
   assert config_lib.learning_rate(c) == pytest.approx(1.152e-3)
 
 

@@ -23,6 +23,7 @@ from etils import epath
 import jax
 import jax.numpy as jnp
 
+from pivq_jax import config_checks
 from pivq_jax import config_lib
 from pivq_jax import experiment
 from pivq_jax import sharding as sharding_lib
@@ -123,7 +124,7 @@ def estimate(flops: float, bytes_accessed: float, steps: int, dtype: str,
 
 def run(config, workdir: str) -> dict:
   devices = target_devices(config.plan.topology, config.plan.num_devices)
-  config_lib.check_config(config, num_devices=len(devices))
+  config_checks.check_config(config, num_devices=len(devices))
   mesh = experiment.make_mesh(config, devices=devices)
   # Read on this host, outside the target mesh (whose devices may not be attached here).
   lp = (lpips.load_lpips_params(config.loss.lpips_net)

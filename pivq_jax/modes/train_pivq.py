@@ -60,7 +60,10 @@ def train_step(state: train_state.TrainState, batch, lpips_params, *, model, dis
     if lc.lpips_weight:
       p = jnp.mean(lpips.lpips_distance(lpips_params, x_hat, x, net=lc.lpips_net,
                                         ut_unscaled_input=lc.lpips_ut_input, dtype=dtype))
-    return lc.l1_weight * l1 + lc.lpips_weight * p, (l1, p)
+    nll = lc.l1_weight * l1 + lc.lpips_weight * p
+    if lc.l2_weight:  # off by default: the paper's nll is L1 + LPIPS
+      nll += lc.l2_weight * jnp.mean(jnp.square(x - x_hat))
+    return nll, (l1, p)
 
   (nll, (l1, p_loss)), d_nll = jax.value_and_grad(nll_fn, has_aux=True)(x_hat)
   metrics, d_x_hat = {}, d_nll
