@@ -98,6 +98,12 @@ VARIANTS = {
     # it. Weight 5: 2 * 5 * |e| matches L1's unit gradient per pixel at |e| = 0.1 (20 dB).
     "l2": dict(_UNQ, **{"loss.l1_weight": 0.0, "loss.l2_weight": 5.0}),
     "l1_plus_l2": dict(_UNQ, **{"loss.l2_weight": 5.0}),
+    # Round 13: the model knobs the screen left out: trunk depth (2 res blocks per level),
+    # attention heads (2 or 8 of the base's 4 at D = 64) and the MLP's width alone.
+    "res2": dict(_UNQ, **{"model.res_blocks": 2}),
+    "heads2": dict(_UNQ, **{"model.tfm_heads": 2}),
+    "heads8": dict(_UNQ, **{"model.tfm_heads": 8}),
+    "mlp128": dict(_UNQ, **{"model.tfm_mlp_dim": 128}),
     # Round 12: the ceilings at the README's budget. The default's 2,200 steps with no
     # quantizer and no GAN, for PI-VQ's network and for the conv reference.
     "base_2200": dict(_UNQ, num_train_steps=2200),
@@ -179,6 +185,7 @@ RUNS = {
                             "--config.loss.disc_start_step=2000"]),
 }
 SETS = {
+    "round13": ["res2", "heads2", "heads8", "mlp128"],
     "round12": ["convae_2200", "base_2200"],
     "round11": ["l2", "l1_plus_l2"],
     "round9": ["torch_init"],
