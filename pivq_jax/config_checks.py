@@ -13,6 +13,8 @@ from pivq_jax.losses import lpips
 from pivq_jax.models import trunk
 from pivq_jax.quantizers import matching
 
+ConfigError = config_lib.ConfigError  # the same class: callers may catch it by either name
+
 
 # Every numeric field a user sets: (field, low, high, low inclusive, high inclusive). None is
 # unbounded. Fields that may be None (e.g. optim.learning_rate) are checked when set.
@@ -125,7 +127,7 @@ def first_violation(config) -> str | None:
 def resolve_batch(config, batch_ways: int) -> None:
   """Fills in config.batch_size (global) from per_device_batch_size when it is 0."""
   if config.batch_size < 0 or (config.batch_size == 0 and config.per_device_batch_size < 1):
-    raise config_lib.ConfigError(f"batch_size is {config.batch_size} and per_device_batch_size is "
+    raise ConfigError(f"batch_size is {config.batch_size} and per_device_batch_size is "
                       f"{config.per_device_batch_size}; set batch_size (global) >= 1, or "
                       "batch_size=0 and per_device_batch_size >= 1.")
   if config.batch_size == 0:
@@ -142,24 +144,24 @@ def resolve_batch(config, batch_ways: int) -> None:
 
 
 def check_config(config, *, num_devices: int) -> None:
-  """Raises config_lib.ConfigError for configs that cannot train; cheap, runs before compiling."""
+  """Raises ConfigError for configs that cannot train; cheap, runs before compiling."""
   if config.family not in ("pivq", "factorqvae"):
-    raise config_lib.ConfigError(f"family is {config.family!r}; use 'pivq' or 'factorqvae'.")
+    raise ConfigError(f"family is {config.family!r}; use 'pivq' or 'factorqvae'.")
   problem = first_violation(config)
   if problem:
-    raise config_lib.ConfigError(problem)
+    raise ConfigError(problem)
   import pivq_jax.evaluators  # pylint: disable=g-import-not-at-top
   known = sorted(m.name for m in pkgutil.iter_modules(pivq_jax.evaluators.__path__)
                  if m.name != "common")
   for name in config.eval.evaluators:
     if name not in known:
-      raise config_lib.ConfigError(f"eval.evaluators names {name!r}, which is not a file in "
+      raise ConfigError(f"eval.evaluators names {name!r}, which is not a file in "
                         f"pivq_jax/evaluators/; use some of {', '.join(known)}.")
   try:
     data, fsdp, _ = sharding.mesh_shape(config.mesh.data, config.mesh.fsdp, config.mesh.model,
                                         num_devices)
   except sharding.MeshError as e:
-    raise config_lib.ConfigError(str(e)) from None
+    raise ConfigError(str(e)) from None
   batch_ways = data * fsdp  # the model axis holds copies of the same rows
   resolve_batch(config, batch_ways)
   if config.family == "factorqvae":
@@ -167,25 +169,25 @@ def check_config(config, *, num_devices: int) -> None:
     return
   m, q, d = config.model, config.quantizer, config.data
   if q.assignment not in ("nearest", "matching"):
-    raise config_lib.ConfigError(f"quantizer.assignment is {q.assignment!r}; use 'nearest' or "
+    raise ConfigError(f"quantizer.assignment is {q.assignment!r}; use 'nearest' or "
                       "'matching'.")
   if q.assignment == "matching" and q.solver not in matching.SOLVERS:
-    raise config_lib.ConfigError(f"quantizer.solver is {q.solver!r}; use one of "
+    raise ConfigError(f"quantizer.solver is {q.solver!r}; use one of "
                       f"{', '.join(matching.SOLVERS)}.")
   ci = config.codebook_init
   wants_codes = {"generative", "probing", "disentanglement"} & set(config.eval.evaluators)
   if ci.start_step > config.num_train_steps and wants_codes:
-    raise config_lib.ConfigError(f"codebook_init.start_step (T_q) is {ci.start_step}, after the last "
+    raise ConfigError(f"codebook_init.start_step (T_q) is {ci.start_step}, after the last "
                       f"of num_train_steps={config.num_train_steps}, so the run never "
                       f"quantizes, yet eval.evaluators asks for code sets "
                       f"({', '.join(sorted(wants_codes))}); lower T_q or drop those.")
   if q.assignment == "matching" and m.num_latents > q.num_codes:
-    raise config_lib.ConfigError(f"Matching quantization needs L <= K, but model.num_latents="
+    raise ConfigError(f"Matching quantization needs L <= K, but model.num_latents="
                       f"{m.num_latents} exceeds quantizer.num_codes={q.num_codes}; lower L "
                       "or raise K.")
   factor = trunk.downsampling_factor(m.ch_mult)
   if d.resolution % factor:
-    raise config_lib.ConfigError(f"Image size {d.resolution} is not divisible by the trunk's "
+    raise ConfigError(f"Image size {d.resolution} is not divisible by the trunk's "
                       f"down-sampling factor {factor} (ch_mult={tuple(m.ch_mult)}); pick a "
                       f"resolution that is a multiple of {factor}.")
   for name, batch in (("batch_size", config.batch_size),
@@ -194,53 +196,53 @@ def check_config(config, *, num_devices: int) -> None:
                       ("export.batch_size", config.export.batch_size),
                       ("eval.feature_batch_size", config.eval.feature_batch_size)):
     if batch % batch_ways:
-      raise config_lib.ConfigError(f"Global {name}={batch} does not split over the mesh's "
+      raise ConfigError(f"Global {name}={batch} does not split over the mesh's "
                         f"{batch_ways} data x fsdp devices; use a multiple of {batch_ways}.")
   if m.emb_dim % m.tfm_heads:
-    raise config_lib.ConfigError(f"model.emb_dim={m.emb_dim} is not divisible by model.tfm_heads="
+    raise ConfigError(f"model.emb_dim={m.emb_dim} is not divisible by model.tfm_heads="
                       f"{m.tfm_heads}; pick a head count that divides it.")
   for name, ch in (("nf", m.nf),) + tuple((f"nf*ch_mult[{i}]", m.nf * c)
                                           for i, c in enumerate(m.ch_mult)):
     if ch % m.norm_groups:
-      raise config_lib.ConfigError(f"Trunk width {name}={ch} is not a multiple of model.norm_groups="
+      raise ConfigError(f"Trunk width {name}={ch} is not a multiple of model.norm_groups="
                         f"{m.norm_groups}, which GroupNorm needs; change model.nf.")
   ci = config.codebook_init
   if ci.history_steps < 1:
-    raise config_lib.ConfigError(f"codebook_init.history_steps is {ci.history_steps}; the k-means "
+    raise ConfigError(f"codebook_init.history_steps is {ci.history_steps}; the k-means "
                       "history needs at least 1 step.")
   per_step = config_lib.history_latents_per_step(config)
   first = min(s for s in (ci.start_step, *ci.reinit_steps) if s > 0) if (
       ci.start_step or ci.reinit_steps) else None
   if first is not None and min(first, ci.history_steps) * per_step < q.num_codes:
-    raise config_lib.ConfigError(f"The codebook k-means at step {first} sees only "
+    raise ConfigError(f"The codebook k-means at step {first} sees only "
                       f"{min(first, ci.history_steps) * per_step} latents (history of "
                       f"min(step, codebook_init.history_steps) steps x {per_step} per step), "
                       f"fewer than the K={q.num_codes} codes; raise "
                       "codebook_init.history_steps or latents_per_step.")
   if config.family == "pivq" and config.model.get("trunk_init", "flax") not in trunk.INITS:
-    raise config_lib.ConfigError(f"model.trunk_init is {config.model.trunk_init!r}; use one of "
+    raise ConfigError(f"model.trunk_init is {config.model.trunk_init!r}; use one of "
                       f"{', '.join(trunk.INITS)}.")
   if config.optim.decay not in ("constant", "cosine"):
-    raise config_lib.ConfigError(f"optim.decay is {config.optim.decay!r}; use 'constant' or 'cosine'.")
+    raise ConfigError(f"optim.decay is {config.optim.decay!r}; use 'constant' or 'cosine'.")
   if config.loss.lpips_net not in lpips.NETS:
-    raise config_lib.ConfigError(f"loss.lpips_net is {config.loss.lpips_net!r}; use one of "
+    raise ConfigError(f"loss.lpips_net is {config.loss.lpips_net!r}; use one of "
                       f"{', '.join(lpips.NETS)}.")
   if config.eval.lpips_net not in ("",) + lpips.NETS:
-    raise config_lib.ConfigError(f"eval.lpips_net is {config.eval.lpips_net!r}; use one of "
+    raise ConfigError(f"eval.lpips_net is {config.eval.lpips_net!r}; use one of "
                       f"{', '.join(lpips.NETS)} or '' to turn it off.")
   if set(p for p in config.disc.diffaug.split(",") if p) - set(diffaug.POLICIES):
-    raise config_lib.ConfigError(f"disc.diffaug is {config.disc.diffaug!r}; UT's policy is "
+    raise ConfigError(f"disc.diffaug is {config.disc.diffaug!r}; UT's policy is "
                       "'color,translation' (or a subset, or '' for none).")
   if m.dtype not in ("float32", "bfloat16"):
-    raise config_lib.ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")
+    raise ConfigError(f"model.dtype is {m.dtype!r}; use 'float32' or 'bfloat16'.")
   for name, split in (("interpolate.split", config.interpolate.split),
                       ("export.split", config.export.split),
                       ("eval.real_split", config.eval.real_split)):
     if split not in ("train", "test"):
-      raise config_lib.ConfigError(f"{name} is {split!r}; use 'train' or 'test'.")
+      raise ConfigError(f"{name} is {split!r}; use 'train' or 'test'.")
   ev = config.eval
   if ev.num_samples and min(ev.num_samples, ev.num_real) <= ev.nearest_k:
-    raise config_lib.ConfigError(f"PRDC with eval.nearest_k={ev.nearest_k} needs more than that many "
+    raise ConfigError(f"PRDC with eval.nearest_k={ev.nearest_k} needs more than that many "
                       f"samples and real images (eval.num_samples={ev.num_samples}, "
                       f"eval.num_real={ev.num_real}); raise them or set num_samples=0.")
   # Evaluators encode fixed subsets in whole global batches (pipeline.subset_batches): a
@@ -256,15 +258,15 @@ def check_config(config, *, num_devices: int) -> None:
       ("generative", ev.num_real if ev.num_samples else 0, "eval.num_real",
        ev.feature_batch_size, "eval.feature_batch_size")):
     if 0 < count < batch and evaluator in (None,) + tuple(ev.evaluators):
-      raise config_lib.ConfigError(f"{name}={count} is fewer than one global eval batch ({batch_name}="
+      raise ConfigError(f"{name}={count} is fewer than one global eval batch ({batch_name}="
                         f"{batch}); raise it or lower {batch_name}.")
   ip = config.interpolate
   if ip.frames < 2 or ip.paths_per_pair < 1 or (not ip.pairs and ip.num_random_pairs < 1):
-    raise config_lib.ConfigError(f"interpolate needs frames >= 2, paths_per_pair >= 1 and pairs to "
+    raise ConfigError(f"interpolate needs frames >= 2, paths_per_pair >= 1 and pairs to "
                       f"draw (got {ip.frames}, {ip.paths_per_pair}, "
                       f"{ip.num_random_pairs}); raise them.")
   if config.export.shard_size < 1:
-    raise config_lib.ConfigError(f"export.shard_size is {config.export.shard_size}; use a positive "
+    raise ConfigError(f"export.shard_size is {config.export.shard_size}; use a positive "
                       "number of records per shard.")
 
 
@@ -272,18 +274,18 @@ def _check_factorqvae(config, *, batch_ways: int) -> None:
   from pivq_jax.models import factorqvae  # pylint: disable=g-import-not-at-top
   f = config.factorqvae
   if f.variant not in factorqvae.VARIANTS:
-    raise config_lib.ConfigError(f"factorqvae.variant is {f.variant!r}; use one of "
+    raise ConfigError(f"factorqvae.variant is {f.variant!r}; use one of "
                       f"{', '.join(factorqvae.VARIANTS)}.")
   factor = 2 ** (f.num_groups - 1)
   if config.data.resolution % factor:
-    raise config_lib.ConfigError(f"Image size {config.data.resolution} is not divisible by the "
+    raise ConfigError(f"Image size {config.data.resolution} is not divisible by the "
                       f"encoder's down-sampling factor {factor} (num_groups={f.num_groups}); "
                       f"pick a multiple of {factor}.")
   halves = 2 if factorqvae.VARIANTS[f.variant].total_correlation else 1
   for name, batch in (("batch_size", config.batch_size // halves),
                       ("eval.batch_size", config.eval.batch_size)):
     if batch % batch_ways or (name == "batch_size" and config.batch_size % halves):
-      raise config_lib.ConfigError(f"Global {name}={batch} (per optimizer for the TC variants, which "
+      raise ConfigError(f"Global {name}={batch} (per optimizer for the TC variants, which "
                         f"split each batch in two) does not split over the mesh's "
                         f"{batch_ways} data x fsdp devices; use a multiple of "
                         f"{halves * batch_ways}.")
