@@ -1,5 +1,6 @@
 """Matching solvers (PI-VQ paper §3.4): one-to-one and optimal against scipy."""
 
+import functools
 from unittest import mock
 
 import hypothesis
@@ -286,3 +287,89 @@ def test_small_images_skip_the_screen(monkeypatch):
   monkeypatch.setattr(matching_host, "SCREEN_MIN_ENTRIES", 0)
   _check(cost, matching_host.solve(cost), exact=True)
   assert len(calls) == 2
+
+
+# ----------------------------------------------------------------------------------------
+# The fused auction kernel (Pallas), run here by Pallas' interpreter.
+
+
+def _solve(cost, kernel):
+  return jax.jit(functools.partial(auction.auction_solve, kernel=kernel))(jnp.asarray(cost))
+
+
+def test_kernel_equals_the_xla_auction_round_for_round():
+  """The same bids, ties and phases: the same codes and rounds per image, and optimal;
+  floats, integer ties, duplicated latents, scales 1e-6 and 1e6 side by side (each image
+  is normalised on its own), a non-finite image; L = K; one latent."""
+  rng = np.random.default_rng(10)
+  mixed = np.stack([rng.random((8, 16)), rng.integers(0, 3, (8, 16)),
+                    np.tile(rng.random((1, 16)), (8, 1)), rng.random((8, 16)) * 1e-6,
+                    rng.random((8, 16)) * 1e6, rng.random((8, 16))]).astype(np.float32)
+  mixed[2, :4] = mixed[0, :4]
+  mixed[5, 3, 7] = np.inf
+  square = rng.integers(0, 4, (2, 8, 8)).astype(np.float32)
+  single = rng.random((2, 1, 5)).astype(np.float32)
+  for cost in (mixed, square, single):
+    want, want_info = _solve(cost, "xla")
+    got, info = _solve(cost, "pallas")
+    np.testing.assert_array_equal(got, want)
+    for key in ("level_rounds", "phase_rounds", "converged"):
+      np.testing.assert_array_equal(info[key], want_info[key])
+    finite = np.isfinite(cost).all(axis=(1, 2))
+    _check(cost[finite], np.asarray(got)[finite])
+    assert np.all(np.asarray(got)[~finite] == -1)
+  assert int(np.asarray(info["level_rounds"]).sum()) > 0
+
+
+@pytest.mark.slow
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(_instances())
+def test_kernel_matches_scipy(cost):
+  b, l, k = cost.shape
+  padded = np.full((3, l, 12), float(cost.max()) + 1.0, np.float32)
+  padded[:b, :, :k] = cost
+  padded[b:] = padded[:1]
+  _check(cost, np.asarray(_solve(padded, "pallas")[0])[:b])
+
+
+def test_kernel_cascades_per_image():
+  """Each image climbs the list ladder on its own: spread latents stop at C = 32, latents
+  collapsed onto one code skip it (per image, not the batch), and a launch lasts as long
+  as its slowest image."""
+  rng = np.random.default_rng(1)
+  cb = rng.normal(size=(512, 16)).astype(np.float32)
+  z = np.concatenate([rng.normal(size=(1, 64, 16)),
+                      cb[np.zeros((1, 64), int)] + 1e-3 * rng.normal(size=(1, 64, 16))])
+  cost = _euclidean(z, cb)
+  codes, info = _solve(cost, "pallas")
+  _check(cost, codes)
+  assert np.asarray(info["level"]).tolist() == [32, 64]
+  per_level = np.asarray(info["level_rounds"])
+  assert per_level[0, 0] > 0 and per_level[0, 1] == 0  # certified at 32, not rerun
+  assert per_level[1, 0] == 0 and per_level[1, 1] > 0  # skipped 32 by its own precheck
+  assert int(info["lockstep_rounds"]) == per_level.max(axis=0).sum()
+  _check_round_counts(info)
+  # The pure-JAX auction skips C = 32 for the whole batch: both images run C = 64.
+  assert np.asarray(_solve(cost, "xla")[1]["level"]).tolist() == [64, 64]
+
+
+@pytest.mark.parametrize("l,k", [(512, 4096), (32, 1024)])
+def test_kernel_lowers_to_triton(l, k):
+  """The compiled path (what a GPU runs) lowers to Triton: one kernel per list level.
+  This checks every operation has a Triton lowering; it does not run it."""
+  from pivq_jax.quantizers import auction_kernel  # pylint: disable=g-import-not-at-top
+  compiled = functools.partial(auction_kernel.solver, interpret=False)
+  with mock.patch.object(auction_kernel, "solver", compiled):
+    text = jax.jit(functools.partial(auction.auction_solve, kernel="pallas")).trace(
+        jax.ShapeDtypeStruct((8, l, k), jnp.float32)).lower(
+            lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == len(auction.list_lengths(l, k))
+
+
+def test_kernel_choice():
+  assert matching.auction_kernel_choice(512) == "xla"  # no GPU here
+  assert not matching.fused_auction_available()
+  with pytest.raises(ValueError, match="Unknown auction kernel"):
+    auction.auction_solve(jnp.zeros((1, 2, 4)), kernel="cuda")
+  from pivq_jax.quantizers import auction_kernel  # pylint: disable=g-import-not-at-top
+  assert [auction_kernel.supports(n) for n in (1, 2, 48, 512)] == [False, True, False, True]

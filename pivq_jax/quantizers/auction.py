@@ -61,9 +61,8 @@ EPS_FINAL cannot go much lower: prices live in float32 on a [0, ~1] scale where 
 is 2^-24..2^-23; every bid moves a price by at least one ulp (nextafter), so every round
 makes progress.
 
-Measured (one-off, collapsed 512 x 4096 instances on CPU): warm-starting prices from
-ott-jax Sinkhorn duals (eps 0.05..0.002) did not pay: rounds stayed within -25%..+75% of
-a cold start, and the Sinkhorn solve alone cost about as much as the whole auction.
+Kernels: "xla" runs the rounds as while loops under vmap; "pallas" (`auction_kernel`)
+fuses each list level's rounds into one launch, every image on its own.
 
 Non-finite costs: the auction runs on sanitised costs (so it always terminates) and
 returns -1 for every latent of an image whose costs are not finite.
@@ -75,6 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pivq_jax.quantizers import auction_kernel
 from pivq_jax.quantizers.ops import max_first as _max_first
 
 # eps schedule, in units of the image's candidate spread S (benefits lie in [-1, 0]).
@@ -86,6 +86,7 @@ LADDER = (32, 128)
 BUFFER = 32  # unassigned latents bidding per forward round (at most)
 REVERSE_BUFFER = 8  # overpriced unheld codes handled per reverse round (at most)
 PRICE_CAP = 8.0  # a cheap level gives up when a price passes this (likely infeasible)
+KERNELS = ("xla", "pallas")
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,7 +270,19 @@ def _fill_unassigned(codes, num_codes):
   return jnp.where(codes < 0, free[jnp.clip(rank, 0, l - 1)], codes)
 
 
-def _level(cost, init, *, c, final, max_rounds):
+def _solver(kernel, **kw):
+  """The per-level solver: (cand, a, init_codes, init_price, run) -> (slot, ok, rounds,
+  price, phase_rounds), batched. "xla": `_auction_one` under vmap (every image runs; the
+  batch in lock step). "pallas": the same rounds fused into one kernel per level, each
+  image on its own, only the images in `run`."""
+  if kernel == "pallas":
+    return auction_kernel.solver(phases=_phases(), buffer=BUFFER,
+                                 reverse_buffer=REVERSE_BUFFER, **kw)
+  one = jax.vmap(functools.partial(_auction_one, **kw))
+  return lambda cand, a, init_codes, init_price, run: one(cand, a, init_codes, init_price)
+
+
+def _level(cost, init, *, c, final, max_rounds, kernel="xla"):
   """Auction with the top-c codes of every latent as candidates, warm-started from the
   previous level's result `init` where that one converged. Returns a result dict (its
   "phase_rounds" [B, phases, 2]: forward and reverse rounds per eps phase)."""
@@ -282,14 +295,15 @@ def _level(cost, init, *, c, final, max_rounds):
   scale = jnp.max(spread, axis=(1, 2))
   scale = jnp.where(scale > 0, scale, 1.0)
   a = -spread / scale[:, None, None]
-  solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
-                                     price_cap=np.inf if final else PRICE_CAP))
+  solve = _solver(kernel, num_codes=k, max_rounds=max_rounds,
+                  price_cap=np.inf if final else PRICE_CAP)
   warm = init["warm"][:, None]
   init_codes = jnp.where(warm, init["codes"], -1)
   init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
 
-  def run(_):
-    slot, ok, rounds, price, phase_rounds = solve(cand, a, init_codes, init_price)
+  def run(active):
+    slot, ok, rounds, price, phase_rounds = solve(cand, a, init_codes, init_price, active)
+    ok = ok & active
     converged = ok
     # Certificate over all K codes (for c = L pruning is provably safe): the duality gap
     # at the final prices, sum_i (best profit over all K - own profit) + the unheld
@@ -309,18 +323,21 @@ def _level(cost, init, *, c, final, max_rounds):
             "warm": converged, "price": price, "rounds": rounds, "scale": scale,
             "level": jnp.full((bsz,), c, jnp.int32), "phase_rounds": phase_rounds}
 
+  everyone = jnp.ones((bsz,), bool)
   if final:
-    return run(None)
+    return run(everyone if kernel == "xla" else ~init["ok"])
   # Cheap precheck against lists too short to hold a perfect matching: a group of latents
   # sharing one nearest code (a collapsed cluster) has nearly the same lists, so skip
-  # this level when such a group outnumbers a list.
+  # this level when such a group outnumbers a list (the fused kernel: per image).
   top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], cand[..., 0]].add(1)
+  if kernel == "pallas":
+    return run(~init["ok"] & (jnp.max(top1, axis=1) <= c))
   skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
              "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
              "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
              "level": jnp.full((bsz,), c, jnp.int32),
              "phase_rounds": jnp.zeros((bsz, len(_phases()), 2), jnp.int32)}
-  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
+  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, everyone)
 
 
 def _codes(cand, slot):
@@ -335,7 +352,7 @@ def list_lengths(l: int, k: int) -> list[int]:
   return sorted(set(c for c in LADDER if c < final_c)) + [final_c]
 
 
-def auction_solve(cost, *, max_rounds=None):
+def auction_solve(cost, *, max_rounds=None, kernel="xla"):
   """Auction (PI-VQ paper §3.4 matching) on cost float[B, L, K] -> (int32[B, L], info).
 
   Tries candidate lists of LADDER sizes (cheap, certified over all K codes, skipped or
@@ -347,10 +364,15 @@ def auction_solve(cost, *, max_rounds=None):
   levels]: each image's rounds at every list length, abandoned levels included;
   "phase_rounds" int32[B, levels, eps phases, 2] splits them into forward and reverse
   rounds per phase),
-  "lockstep_rounds" (the while-loop iterations this call ran: the batch moves in lock
-  step, each loop as long as its slowest image, and a level runs for the whole batch
-  unless every image is certified; on accelerators, time ~ this count).
+  "lockstep_rounds" (the rounds this call's loops ran, the accelerator's cost: "xla"
+  moves the batch in lock step, each while loop as long as its slowest image, and a level
+  runs for the whole batch unless every image is certified; "pallas" runs a level once
+  per launch, as long as its slowest uncertified image).
+  kernel: "xla" (pure JAX) or "pallas" (`auction_kernel`: the same rounds in one fused
+  kernel per level; Pallas' interpreter off GPU). `matching.assign` picks one.
   """
+  if kernel not in KERNELS:
+    raise ValueError(f"Unknown auction kernel {kernel!r}; use one of {KERNELS}.")
   bsz, l, k = cost.shape
   if max_rounds is None:
     max_rounds = 100 * l + 20_000
@@ -367,8 +389,13 @@ def auction_solve(cost, *, max_rounds=None):
 
   def level(r, i, c):
     out = _level(cost, r, c=c, final=c == final_c,
-                 max_rounds=max_rounds if c == final_c else 20 * l + 4000)
-    out["history"] = r["history"].at[:, i].set(out.pop("phase_rounds"))
+                 max_rounds=max_rounds if c == final_c else 20 * l + 4000, kernel=kernel)
+    history = r["history"].at[:, i].set(out.pop("phase_rounds"))
+    if kernel == "pallas":  # images certified at a cheaper level keep their result
+      out = jax.tree.map(lambda old, new: jnp.where(
+          r["ok"].reshape((bsz,) + (1,) * (new.ndim - 1)), old, new),
+          {key: r[key] for key in out}, out)
+    out["history"] = history
     return out
 
   for i, c in enumerate(levels):
@@ -381,5 +408,6 @@ def auction_solve(cost, *, max_rounds=None):
           "gap_bound": 2 * l * EPS_FINAL * res["scale"],
           "phase_rounds": res["history"],
           "level_rounds": jnp.sum(res["history"], axis=(2, 3)),
-          "lockstep_rounds": jnp.sum(jnp.max(res["history"], axis=0))}
+          "lockstep_rounds": jnp.sum(jnp.max(res["history"], axis=0)) if kernel == "xla"
+                             else jnp.sum(jnp.max(jnp.sum(res["history"], axis=(2, 3)), axis=0))}
   return codes, info

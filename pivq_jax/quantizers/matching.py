@@ -4,9 +4,11 @@ For each image the L latents are assigned to L *distinct* codes minimising the t
 sum_l ||z_l - e_pi(l)|| (a rectangular L x K linear assignment problem, L <= K).
 
 Solvers (`assign(cost, solver=...)`):
-  - "auction" (default): on device, pure JAX; an eps-scaling forward/reverse auction for
-    the asymmetric problem (Bertsekas 1988; Bertsekas & Castanon 1993). Batched ops and
-    `lax.while_loop` only, so it runs under jit, vmap and batch sharding.
+  - "auction" (default): on device; an eps-scaling forward/reverse auction for the
+    asymmetric problem (Bertsekas 1988; Bertsekas & Castanon 1993). Pure JAX (batched
+    ops and `lax.while_loop`, so it runs under jit, vmap and batch sharding), or on a GPU
+    that runs it the same rounds fused into one Pallas kernel per list level
+    (`auction_kernel_choice`).
   - "hungarian": exact, on the host via `jax.pure_callback` (usable under jit and vmap):
     scipy's dense or sparse Jonker-Volgenant per image, picked by size and collapse, the
     images in parallel threads (`matching_host`). The ground truth.
@@ -29,11 +31,13 @@ whose costs are not finite.
 
 import functools
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pivq_jax.quantizers import auction
+from pivq_jax.quantizers import auction_kernel
 from pivq_jax.quantizers import matching_host
 from pivq_jax.quantizers import sinkhorn
 
@@ -103,6 +107,31 @@ def assign(cost, *, solver: str = "auction", check_finite: bool = True):
   return out.reshape(*lead, l)
 
 
+@functools.cache
+def fused_auction_available() -> bool:
+  """A GPU where the fused auction kernel compiles and a tiny solve equals the pure-JAX
+  auction's (checked once per process; logged when not)."""
+  if jax.default_backend() != "gpu":
+    return False
+  cost = jnp.asarray(np.random.default_rng(0).random((2, 8, 24)), jnp.float32)
+  try:
+    got, want = (jax.jit(functools.partial(auction.auction_solve, kernel=kn))(cost)[0]
+                 for kn in ("pallas", "xla"))
+    assert bool(jnp.all(got == want)), "its tiny solve differs from the pure-JAX one"
+    return True
+  except Exception as e:  # pylint: disable=broad-except
+    logging.warning("Matching: the fused auction kernel is unavailable (%s); using the "
+                    "pure-JAX auction.", str(e).splitlines()[0][:200])
+    return False
+
+
+def auction_kernel_choice(l: int) -> str:
+  """The auction's kernel for L latents here: "pallas" on a GPU that runs it (Triton
+  needs L to be a power of two), else "xla"."""
+  return "pallas" if auction_kernel.supports(l) and fused_auction_available() else "xla"
+
+
 auction_solve = auction.auction_solve
-_auction_jit = jax.jit(lambda c: auction.auction_solve(c)[0])
+_auction_jit = jax.jit(
+    lambda c: auction.auction_solve(c, kernel=auction_kernel_choice(c.shape[1]))[0])
 _sinkhorn_jit = jax.jit(sinkhorn.sinkhorn_solve)
