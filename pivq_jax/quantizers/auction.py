@@ -61,8 +61,9 @@ EPS_FINAL cannot go much lower: prices live in float32 on a [0, ~1] scale where 
 is 2^-24..2^-23; every bid moves a price by at least one ulp (nextafter), so every round
 makes progress.
 
-Kernels: "xla" runs the rounds as while loops under vmap; "pallas" (`auction_kernel`)
-fuses each list level's rounds into one launch, every image on its own.
+Kernels: "xla" runs the rounds as while loops under vmap (the batch in lock step);
+"pallas" (`auction_kernel`) runs the same rounds, ladder and certificate fused into one
+launch per solve, each image on its own.
 
 Non-finite costs: the auction runs on sanitised costs (so it always terminates) and
 returns -1 for every latent of an image whose costs are not finite.
@@ -270,19 +271,7 @@ def _fill_unassigned(codes, num_codes):
   return jnp.where(codes < 0, free[jnp.clip(rank, 0, l - 1)], codes)
 
 
-def _solver(kernel, **kw):
-  """The per-level solver: (cand, a, init_codes, init_price, run) -> (slot, ok, rounds,
-  price, phase_rounds), batched. "xla": `_auction_one` under vmap (every image runs; the
-  batch in lock step). "pallas": the same rounds fused into one kernel per level, each
-  image on its own, only the images in `run`."""
-  if kernel == "pallas":
-    return auction_kernel.solver(phases=_phases(), buffer=BUFFER,
-                                 reverse_buffer=REVERSE_BUFFER, **kw)
-  one = jax.vmap(functools.partial(_auction_one, **kw))
-  return lambda cand, a, init_codes, init_price, run: one(cand, a, init_codes, init_price)
-
-
-def _level(cost, init, *, c, final, max_rounds, kernel="xla"):
+def _level(cost, init, *, c, final, max_rounds):
   """Auction with the top-c codes of every latent as candidates, warm-started from the
   previous level's result `init` where that one converged. Returns a result dict (its
   "phase_rounds" [B, phases, 2]: forward and reverse rounds per eps phase)."""
@@ -295,15 +284,14 @@ def _level(cost, init, *, c, final, max_rounds, kernel="xla"):
   scale = jnp.max(spread, axis=(1, 2))
   scale = jnp.where(scale > 0, scale, 1.0)
   a = -spread / scale[:, None, None]
-  solve = _solver(kernel, num_codes=k, max_rounds=max_rounds,
-                  price_cap=np.inf if final else PRICE_CAP)
+  solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
+                                     price_cap=np.inf if final else PRICE_CAP))
   warm = init["warm"][:, None]
   init_codes = jnp.where(warm, init["codes"], -1)
   init_price = jnp.where(warm, init["price"] * (init["scale"] / scale)[:, None], 0.0)
 
-  def run(active):
-    slot, ok, rounds, price, phase_rounds = solve(cand, a, init_codes, init_price, active)
-    ok = ok & active
+  def run(_):
+    slot, ok, rounds, price, phase_rounds = solve(cand, a, init_codes, init_price)
     converged = ok
     # Certificate over all K codes (for c = L pruning is provably safe): the duality gap
     # at the final prices, sum_i (best profit over all K - own profit) + the unheld
@@ -323,21 +311,18 @@ def _level(cost, init, *, c, final, max_rounds, kernel="xla"):
             "warm": converged, "price": price, "rounds": rounds, "scale": scale,
             "level": jnp.full((bsz,), c, jnp.int32), "phase_rounds": phase_rounds}
 
-  everyone = jnp.ones((bsz,), bool)
   if final:
-    return run(everyone if kernel == "xla" else ~init["ok"])
+    return run(None)
   # Cheap precheck against lists too short to hold a perfect matching: a group of latents
   # sharing one nearest code (a collapsed cluster) has nearly the same lists, so skip
-  # this level when such a group outnumbers a list (the fused kernel: per image).
+  # this level when such a group outnumbers a list.
   top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], cand[..., 0]].add(1)
-  if kernel == "pallas":
-    return run(~init["ok"] & (jnp.max(top1, axis=1) <= c))
   skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
              "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
              "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
              "level": jnp.full((bsz,), c, jnp.int32),
              "phase_rounds": jnp.zeros((bsz, len(_phases()), 2), jnp.int32)}
-  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, everyone)
+  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
 
 
 def _codes(cand, slot):
@@ -366,10 +351,11 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
   rounds per phase),
   "lockstep_rounds" (the rounds this call's loops ran, the accelerator's cost: "xla"
   moves the batch in lock step, each while loop as long as its slowest image, and a level
-  runs for the whole batch unless every image is certified; "pallas" runs a level once
-  per launch, as long as its slowest uncertified image).
-  kernel: "xla" (pure JAX) or "pallas" (`auction_kernel`: the same rounds in one fused
-  kernel per level; Pallas' interpreter off GPU). `matching.assign` picks one.
+  runs for the whole batch unless every image is certified; "pallas" is one launch, as
+  long as its slowest image's rounds over the levels it ran).
+  kernel: "xla" (pure JAX) or "pallas" (`auction_kernel`: the same algorithm fused into
+  one kernel, each image climbing the ladder on its own; Pallas' interpreter off GPU).
+  `matching.assign` picks one.
   """
   if kernel not in KERNELS:
     raise ValueError(f"Unknown auction kernel {kernel!r}; use one of {KERNELS}.")
@@ -388,17 +374,17 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
          "history": jnp.zeros((bsz, len(levels), len(_phases()), 2), jnp.int32)}
 
   def level(r, i, c):
-    out = _level(cost, r, c=c, final=c == final_c,
-                 max_rounds=max_rounds if c == final_c else 20 * l + 4000, kernel=kernel)
-    history = r["history"].at[:, i].set(out.pop("phase_rounds"))
-    if kernel == "pallas":  # images certified at a cheaper level keep their result
-      out = jax.tree.map(lambda old, new: jnp.where(
-          r["ok"].reshape((bsz,) + (1,) * (new.ndim - 1)), old, new),
-          {key: r[key] for key in out}, out)
-    out["history"] = history
+    out = _level(cost, r, c=c, final=c == final_c, max_rounds=budgets[i])
+    out["history"] = r["history"].at[:, i].set(out.pop("phase_rounds"))
     return out
 
-  for i, c in enumerate(levels):
+  budgets = [max_rounds if c == final_c else 20 * l + 4000 for c in levels]
+  if kernel == "pallas":
+    res = auction_kernel.solve(
+        cost, levels=levels, max_rounds=budgets, phases=_phases(), buffer=BUFFER,
+        price_caps=[np.inf if c == final_c else PRICE_CAP for c in levels],
+        reverse_buffer=REVERSE_BUFFER, eps_final=EPS_FINAL)
+  for i, c in enumerate(levels if kernel == "xla" else []):
     run = functools.partial(level, i=i, c=c)
     res = run(res) if i == 0 else jax.lax.cond(jnp.all(res["ok"]), lambda r: r, run, res)
   converged = res["ok"] & finite
@@ -409,5 +395,5 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
           "phase_rounds": res["history"],
           "level_rounds": jnp.sum(res["history"], axis=(2, 3)),
           "lockstep_rounds": jnp.sum(jnp.max(res["history"], axis=0)) if kernel == "xla"
-                             else jnp.sum(jnp.max(jnp.sum(res["history"], axis=(2, 3)), axis=0))}
+                             else jnp.max(jnp.sum(res["history"], axis=(1, 2, 3)))}
   return codes, info

@@ -1,32 +1,33 @@
-"""The matching auction as one fused kernel per list level (Pallas; PI-VQ paper §3.4).
+"""The matching auction fused into one kernel per solve (Pallas; PI-VQ paper §3.4).
 
 `auction.py`'s algorithm, round for round (the same bids, ties, eps phases, reverse
-iterations and eviction rule), but each image runs its whole eps-scaling solve inside one
-program of one launch. The pure-JAX solver is a `lax.while_loop` per phase under vmap:
-on a GPU every round is ~70-95 small kernels and a host round trip (~110 us per round on
-an H100, `docs/benchmarks.md`), and the batch moves in lock step, each loop as long as
-its slowest image. Here a round is a few vector operations and barriers in one program,
-and an image stops when it is done.
+iterations, eviction rule, candidate-list ladder and duality-gap certificate), but each
+image runs its whole solve in one program of one launch. The pure-JAX solver is a
+`lax.while_loop` per phase under vmap: on a GPU every round is ~70-95 small kernels and
+a host round trip (~110 us per round on an H100, `docs/benchmarks.md`), and the batch
+moves in lock step, each loop as long as its slowest image and each list level run for
+the whole batch unless every image is certified. Here a round is a few vector operations
+and barriers in one program, and each image climbs the ladder and stops on its own.
 
 State lives in the outputs (prices and owners per code, each latent's list position), so
 every gather and scatter is a pointer load or store; one-to-one holds by construction (a
 round's winners hold distinct codes, resolved by comparing the bids of the round's <= 32
-bidders, no atomics). Barriers separate each round's reads from its writes; the CPU runs
-the kernel in Pallas' interpreter, where they are not needed.
-
-`solver(...)` is a drop-in for the per-level solver of `auction.auction_solve(kernel=
-"pallas")`, which keeps the list ladder, the certificate and the result's info, and runs
-a level only for the images the previous one left uncertified. Triton needs power-of-two
-tensor sizes: L must be one (the lists then are too) and K is padded with codes no latent
-lists. `matching.auction_kernel_choice` picks it where a GPU runs it.
+bidders, no atomics). Barriers separate each round's reads from its writes. The CPU runs
+the kernel in Pallas' interpreter (the tests); `matching.auction_kernel_choice` picks it
+on a GPU that compiles it. Triton needs power-of-two tensor sizes: L must be one (the
+lists then are too) and K is padded with codes no latent lists.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-NUM_STATS = 16  # per image: [2p, 2p + 1] phase p's forward / reverse rounds; [14] all rounds; [15] ok
+# Per image: [10 n + 2 p + d] list level n's eps phase p, forward (d = 0) / reverse rounds;
+# then the accepted level's rounds, converged, and the accepted level's index.
+STATS = 64
+_ROUNDS, _CONVERGED, _LEVEL = 60, 61, 62
 
 
 def _any(x, axis=None):  # Triton's lowering has no boolean reductions
@@ -41,22 +42,32 @@ def _pow2(n):
   return 1 << max(0, int(n - 1).bit_length())
 
 
-def _kernel(cand_ref, a_ref, inv_ref, inl_ref, slot0_ref, price0_ref, run_ref,
-            slot_ref, price_ref, owner_ref, stats_ref, *, num_codes, max_rounds, price_cap,
-            phases, buffer, reverse_buffer, interpret):
-  """One image's auction (`auction._auction_one`, same rounds). Refs: cand, a [L, C];
-  inv [L, Kp] (position of a code in a latent's list, -1: absent); inl [Kp] (1: in some
-  list); slot0 [L], price0 [Kp] the warm start; run [1] (0: leave this image alone).
-  Outputs: slot [L], price [Kp], owner [Kp], stats [NUM_STATS]."""
+def supports(l: int) -> bool:
+  """Triton's tensors have power-of-two sizes: the compiled kernel needs L to be one."""
+  return l >= 2 and l & (l - 1) == 0
+
+
+def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
+            slot_ref, price_ref, owner_ref, stats_ref, *, levels, num_codes, max_rounds,
+            price_caps, phases, buffer, reverse_buffer, eps_final, interpret):
+  """One image's auction over the list ladder (`auction.auction_solve`'s levels, each
+  `auction._auction_one`'s rounds). Refs: cand [L, Cf] the final level's lists, nearest
+  first (level n's lists are their first levels[n] columns); a [NL, L, Cf] level n's
+  benefits; rel [L, Kp] (read only with NL > 1) min cost - cost, -inf on padding;
+  inv [L, Kp] a code's position in a latent's list (-1: absent); minpos [Kp] its smallest
+  position in any list; scale [NLp] each level's S; fits [NLp] 1 where the precheck lets
+  level n run. Outputs: slot [L] (list positions), price [Kp] (the accepted level's
+  units), owner [Kp], stats [STATS]."""
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-  l, c = cand_ref.shape
+  l, cf = cand_ref.shape
   kp = price_ref.shape[0]
   k = num_codes
   nb = min(l, buffer)
   nv = min(kp, reverse_buffer)
   person = jnp.arange(l, dtype=jnp.int32)
-  cols = jnp.arange(c, dtype=jnp.int32)
   codes_k = jnp.arange(kp, dtype=jnp.int32)
+  stat_idx = jnp.arange(STATS, dtype=jnp.int32)
+  n_levels = len(levels)
 
   def barrier():
     if not interpret:
@@ -75,217 +86,267 @@ def _kernel(cand_ref, a_ref, inv_ref, inl_ref, slot0_ref, price0_ref, run_ref,
     else:
       plgpu.store(ref.at[jnp.clip(idx, 0, n - 1)], val, mask=mask)
 
-  def held(slot):  # code held by each latent, kp for none
+  def pick(vec_ref, n):  # vec_ref[n] for a static n, as a vector op
+    v = vec_ref[...]
+    return jnp.sum(jnp.where(jnp.arange(v.shape[0]) == n, v, jnp.zeros((), v.dtype)))
+
+  def held(slot):  # the code each latent holds, kp for none
     return jnp.where(slot >= 0, cand_ref[person, jnp.maximum(slot, 0)], kp)
 
-  def running(top, rounds):
-    return (rounds < max_rounds) & (top <= price_cap)
-
   def beaten(x, key, valid):
-    """For each of n entries: does another valid entry with the same key beat it (larger
-    x, ties: earlier position)? `_auction_one`'s conflict rule, pairwise."""
+    """Does another valid entry with the same key beat each entry (larger x, ties: the
+    earlier position)? `_auction_one`'s conflict rule, pairwise."""
     r = jnp.arange(x.shape[0], dtype=jnp.int32)
     beats = (x[None, :] > x[:, None]) | ((x[None, :] == x[:, None]) & (r[None, :] < r[:, None]))
     return _any((key[:, None] == key[None, :]) & beats & valid[None, :], axis=1)
 
   def first_true(mask, idx, n, none):
-    """Indices of the first n True entries of mask (`none` where fewer)."""
+    """idx at the first n True entries of mask (`none` where fewer)."""
     rank = jnp.cumsum(mask.astype(jnp.int32)) - 1
     r = jnp.arange(n, dtype=jnp.int32)
     hit = mask[None, :] & (rank[None, :] == r[:, None])
     return jnp.min(jnp.where(hit, idx[None, :], none), axis=1)
 
-  def forward_round(eps):
-    slot = slot_ref[...]
-    who = first_true(slot < 0, person, nb, l)
-    valid = who < l
-    w = jnp.minimum(who, l - 1)
-    cb = cand_ref[w[:, None], cols[None, :]]
-    pb = plgpu.load(price_ref.at[cb])
-    prof = a_ref[w[:, None], cols[None, :]] - pb
-    v = jnp.max(prof, axis=1)
-    best = jnp.min(jnp.where(prof == v[:, None], cols[None, :], c), axis=1)
-    is_best = cols[None, :] == best[:, None]
-    second = jnp.max(jnp.where(is_best, -jnp.inf, prof), axis=1)
-    j = jnp.max(jnp.where(is_best, cb, -1), axis=1)
-    p_old = jnp.max(jnp.where(is_best, pb, -jnp.inf), axis=1)
-    # nextafter(p_old, inf) for p_old >= 0 (prices never go negative), as bits + 1.
-    up = jax.lax.bitcast_convert_type(
-        jax.lax.bitcast_convert_type(jnp.maximum(p_old, 0.0), jnp.int32) + 1, jnp.float32)
-    bid = jnp.maximum(p_old + jnp.minimum(v - second, 4.0) + eps, up)
-    won = valid & ~beaten(bid, j, valid)
-    prev = plgpu.load(owner_ref.at[jnp.clip(j, 0, kp - 1)])
+  def row_blocks(size, body, init):
+    """body(rows, real, carry) over [size]-row blocks of the L latents."""
+    def step(i, carry):
+      rows = i * size + jnp.arange(size, dtype=jnp.int32)
+      return body(jnp.minimum(rows, l - 1), rows < l, carry)
+    return jax.lax.fori_loop(0, -(-l // size), step, init)
+
+  def run_level(n, c, carry):
+    """List level n (lists of c codes): warm start, eps phases, certificate."""
+    ok, warm, stats = carry
+    final = n == n_levels - 1
+    cap = price_caps[n]
+    cols = jnp.arange(c, dtype=jnp.int32)
+    inl = minpos_ref[...] < c  # codes in some level-n list
+
+    def running(top, rounds):
+      return (rounds < max_rounds[n]) & (top <= cap)
+
+    def forward_round(eps):
+      slot = slot_ref[...]
+      who = first_true(slot < 0, person, nb, l)
+      valid = who < l
+      w = jnp.minimum(who, l - 1)
+      cb = cand_ref[w[:, None], cols[None, :]]
+      pb = plgpu.load(price_ref.at[cb])
+      prof = a_ref[n, w[:, None], cols[None, :]] - pb
+      v = jnp.max(prof, axis=1)
+      best = jnp.min(jnp.where(prof == v[:, None], cols[None, :], c), axis=1)
+      is_best = cols[None, :] == best[:, None]
+      second = jnp.max(jnp.where(is_best, -jnp.inf, prof), axis=1)
+      j = jnp.max(jnp.where(is_best, cb, -1), axis=1)
+      p_old = jnp.max(jnp.where(is_best, pb, -jnp.inf), axis=1)
+      # nextafter(p_old, inf) for p_old >= 0 (prices never go negative), as bits + 1.
+      up = jax.lax.bitcast_convert_type(
+          jax.lax.bitcast_convert_type(jnp.maximum(p_old, 0.0), jnp.int32) + 1, jnp.float32)
+      bid = jnp.maximum(p_old + jnp.minimum(v - second, 4.0) + eps, up)
+      won = valid & ~beaten(bid, j, valid)
+      prev = plgpu.load(owner_ref.at[jnp.clip(j, 0, kp - 1)])
+      barrier()
+      put(slot_ref, prev, -1, won & (prev >= 0))
+      put(slot_ref, who, best, won)
+      put(owner_ref, j, who, won)
+      put(price_ref, j, bid, won)
+      barrier()
+      return jnp.max(jnp.where(won, bid, -jnp.inf))
+
+    def violators(lam):
+      return inl & (owner_ref[...] < 0) & (price_ref[...] > lam)
+
+    def reverse_round(eps, lam):
+      codes = first_true(violators(lam), codes_k, nv, kp)
+      valid = codes < k
+      cc = jnp.minimum(codes, kp - 1)
+      col = inv_ref[person[:, None], cc[None, :]]  # [L, nv]
+      col = jnp.where(col < c, col, -1)
+      slot = slot_ref[...]
+      hc = held(slot)
+      profit = (a_ref[n, person, jnp.maximum(slot, 0)]
+                - plgpu.load(price_ref.at[jnp.minimum(hc, kp - 1)]))
+      val = jnp.where(col >= 0, a_ref[n, person[:, None], jnp.maximum(col, 0)]
+                      - profit[:, None], -jnp.inf)
+      beta = jnp.max(val, axis=0)
+      bp = jnp.min(jnp.where(val == beta[None, :], person[:, None], l), axis=0)
+      omega = jnp.max(jnp.where(person[:, None] == bp[None, :], -jnp.inf, val), axis=0)
+      take = valid & (beta - eps > lam)
+      lower = valid & ~take
+      q = jnp.maximum(lam, omega - eps)
+      gain = jnp.where(take, beta - q, -jnp.inf)
+      accepted = take & ~beaten(gain, bp, take)
+      bpc = jnp.minimum(bp, l - 1)
+      old = jnp.max(jnp.where(person[:, None] == bpc[None, :], hc[:, None], -1), axis=0)
+      new_slot = inv_ref[bpc, cc]
+      barrier()
+      put(owner_ref, old, -1, accepted)
+      put(owner_ref, codes, bpc, accepted)
+      put(price_ref, codes, jnp.where(accepted, q, lam), accepted | lower)
+      put(slot_ref, bpc, new_slot, accepted)
+      barrier()
+
+    def evict(rows, real, carry, eps):
+      # Latents violating the new (smaller) eps-CS give their codes up.
+      cb = cand_ref[rows[:, None], cols[None, :]]
+      prof = a_ref[n, rows[:, None], cols[None, :]] - plgpu.load(price_ref.at[cb])
+      s = slot_ref[rows]
+      mine = cols[None, :] == s[:, None]
+      own = jnp.max(jnp.where(mine, prof, -jnp.inf), axis=1)
+      ev = real & (s >= 0) & (own < jnp.max(prof, axis=1) - eps)
+      code = jnp.max(jnp.where(mine, cb, -1), axis=1)
+      barrier()
+      put(owner_ref, code, -1, ev)
+      put(slot_ref, rows, -1, ev)
+      barrier()
+      return carry + 1  # (a loop-carried value: Triton's loops cannot yield constants)
+
+    def phase(p, pc):
+      rounds, top, stats = pc
+      eps = jnp.float32(phases[0])
+      for i, e in enumerate(phases[1:], 1):  # phase p's eps (no float table in a kernel)
+        eps = jnp.where(p >= i, jnp.float32(e), eps)
+      row_blocks(nb, functools.partial(evict, eps=eps), jnp.int32(0))
+      start = rounds
+      unassigned = lambda: jnp.sum((slot_ref[...] < 0).astype(jnp.int32))
+
+      def fwd_body(s):
+        t = forward_round(eps)
+        return s[0] + 1, jnp.maximum(s[1], t), unassigned()
+
+      rounds, top, left = jax.lax.while_loop(
+          lambda s: (s[2] > 0) & running(s[1], s[0]), fwd_body, (rounds, top, unassigned()))
+      forward = rounds - start
+      lam = jnp.min(jnp.where(owner_ref[...] >= 0, price_ref[...], jnp.inf))
+      go = (left == 0) & running(top, rounds)
+
+      def rev_body(s):
+        reverse_round(eps, lam)
+        return s[0] + 1, _any(violators(lam))
+
+      rounds, _ = jax.lax.while_loop(lambda s: s[1] & go & running(top, s[0]), rev_body,
+                                     (rounds, _any(violators(lam))))
+      # Prices shifted so lambda = 0; unheld codes up to lambda (never breaks eps-CS).
+      price = jnp.maximum(price_ref[...] - jnp.where(lam < jnp.inf, lam, 0.0), 0.0)
+      barrier()
+      price_ref[...] = price
+      barrier()
+      at = 10 * n + 2 * p
+      stats = jnp.where(stat_idx == at, forward,
+                        jnp.where(stat_idx == at + 1, rounds - start - forward, stats))
+      return rounds, jnp.max(price), stats
+
+    # Warm start from the previous level where it converged (its lists are a prefix of
+    # these, so list positions carry over; prices rescaled to this level's S), else cold.
+    scale = pick(scale_ref, n)
+    ratio = pick(scale_ref, n - 1) / scale if n else jnp.float32(1.0)
+    slot = jnp.where(warm, slot_ref[...], -1)
+    price = jnp.where(warm, price_ref[...] * ratio, 0.0)
     barrier()
-    put(slot_ref, prev, -1, won & (prev >= 0))
-    put(slot_ref, who, best, won)
-    put(owner_ref, j, who, won)
-    put(price_ref, j, bid, won)
-    barrier()
-    return jnp.max(jnp.where(won, bid, -jnp.inf))
-
-  def violators(lam):
-    viol = (inl_ref[...] > 0) & (owner_ref[...] < 0) & (price_ref[...] > lam)
-    return viol
-
-  def reverse_round(eps, lam):
-    codes = first_true(violators(lam), codes_k, nv, kp)
-    valid = codes < k
-    cc = jnp.minimum(codes, kp - 1)
-    col = inv_ref[person[:, None], cc[None, :]]  # [L, nv]
-    slot = slot_ref[...]
-    hc = held(slot)
-    profit = a_ref[person, slot] - plgpu.load(price_ref.at[jnp.minimum(hc, kp - 1)])
-    val = jnp.where(col >= 0,
-                    a_ref[person[:, None], jnp.maximum(col, 0)] - profit[:, None], -jnp.inf)
-    beta = jnp.max(val, axis=0)
-    bp = jnp.min(jnp.where(val == beta[None, :], person[:, None], l), axis=0)
-    omega = jnp.max(jnp.where(person[:, None] == bp[None, :], -jnp.inf, val), axis=0)
-    take = valid & (beta - eps > lam)
-    lower = valid & ~take
-    q = jnp.maximum(lam, omega - eps)
-    gain = jnp.where(take, beta - q, -jnp.inf)
-    accepted = take & ~beaten(gain, bp, take)
-    bpc = jnp.minimum(bp, l - 1)
-    old = jnp.max(jnp.where(person[:, None] == bpc[None, :], hc[:, None], -1), axis=0)
-    new_slot = inv_ref[bpc, cc]
-    barrier()
-    put(owner_ref, old, -1, accepted)
-    put(owner_ref, codes, bpc, accepted)
-    put(price_ref, codes, jnp.where(accepted, q, lam), accepted | lower)
-    put(slot_ref, bpc, new_slot, accepted)
-    barrier()
-
-  def lam_now():
-    return jnp.min(jnp.where(owner_ref[...] >= 0, price_ref[...], jnp.inf))
-
-  def evict_block(i, carry, eps):
-    # Latents violating the new (smaller) eps-CS give their codes up (a block of rows at
-    # a time keeps the [rows, C] profits small at C = L = 512).
-    rows = i * nb + jnp.arange(nb, dtype=jnp.int32)
-    real = rows < l
-    rows = jnp.minimum(rows, l - 1)
-    cb = cand_ref[rows[:, None], cols[None, :]]
-    prof = a_ref[rows[:, None], cols[None, :]] - plgpu.load(price_ref.at[cb])
-    s = slot_ref[rows]
-    mine = cols[None, :] == s[:, None]
-    own = jnp.max(jnp.where(mine, prof, -jnp.inf), axis=1)
-    ev = real & (s >= 0) & (own < jnp.max(prof, axis=1) - eps)
-    code = jnp.max(jnp.where(mine, cb, -1), axis=1)
-    barrier()
-    put(owner_ref, code, -1, ev)
-    put(slot_ref, rows, -1, ev)
-    barrier()
-    return carry + 1  # (a loop-carried value: Triton's loops cannot yield constants)
-
-  def phase(p, carry):
-    rounds, top, stats = carry
-    eps = jnp.float32(phases[0])
-    for i, e in enumerate(phases[1:], 1):  # phase p's eps (no float table in a kernel)
-      eps = jnp.where(p >= i, jnp.float32(e), eps)
-    jax.lax.fori_loop(0, -(-l // nb), functools.partial(evict_block, eps=eps),
-                      jnp.int32(0))
-    start = rounds
-
-    def fwd_cond(s):
-      return (s[2] > 0) & running(s[1], s[0])
-
-    def fwd_body(s):
-      t = forward_round(eps)
-      return s[0] + 1, jnp.maximum(s[1], t), jnp.sum((slot_ref[...] < 0).astype(jnp.int32))
-
-    rounds, top, left = jax.lax.while_loop(
-        fwd_cond, fwd_body, (rounds, top, jnp.sum((slot_ref[...] < 0).astype(jnp.int32))))
-    forward = rounds - start
-    lam = lam_now()
-    go = (left == 0) & running(top, rounds)
-
-    def rev_cond(s):
-      return s[1] & go & running(top, s[0])
-
-    def rev_body(s):
-      reverse_round(eps, lam)
-      return s[0] + 1, _any(violators(lam))
-
-    rounds, _ = jax.lax.while_loop(rev_cond, rev_body, (rounds, _any(violators(lam))))
-    # Prices shifted so lambda = 0; unheld codes up to lambda (never breaks eps-CS).
-    price = jnp.maximum(price_ref[...] - jnp.where(lam < jnp.inf, lam, 0.0), 0.0)
-    barrier()
+    slot_ref[...] = slot
     price_ref[...] = price
+    owner_ref[...] = jnp.full((kp,), -1, jnp.int32)
     barrier()
-    idx = jnp.arange(NUM_STATS, dtype=jnp.int32)
-    stats = jnp.where(idx == 2 * p, forward, jnp.where(idx == 2 * p + 1, rounds - start - forward,
-                                                       stats))
-    return rounds, jnp.max(price), stats
+    put(owner_ref, held(slot), person, slot >= 0)
+    barrier()
+    rounds, top, stats = jax.lax.fori_loop(
+        0, len(phases), phase, (jnp.int32(0), jnp.max(price), stats))
+    converged = _all(slot_ref[...] >= 0) & running(top, rounds)
+    cert = converged
+    if not final:
+      # Duality gap over all K codes (`auction._level`'s certificate), times S so no
+      # division runs here: sum_i (max_j (rel_ij - S p_j) - S own_i) + S sum(unheld p).
+      price = price_ref[...]
+      tile = min(_pow2(l), max(1, 2 ** 15 // kp))
 
-  # Warm start: prices and the latents' list positions; owners follow.
-  price_ref[...] = price0_ref[...]
-  slot_ref[...] = slot0_ref[...]
-  owner_ref[...] = jnp.full((kp,), -1, jnp.int32)
-  barrier()
-  slot = slot_ref[...]
-  put(owner_ref, held(slot), person, slot >= 0)
-  barrier()
-  zeros = jnp.zeros((NUM_STATS,), jnp.int32)
-  run = jnp.max(run_ref[...]) > 0
-  rounds, top, stats = jax.lax.fori_loop(
-      0, len(phases) * run.astype(jnp.int32), phase,
-      (jnp.int32(0), jnp.max(price_ref[...]), zeros))
-  ok = _all(slot_ref[...] >= 0) & running(top, rounds)
-  idx = jnp.arange(NUM_STATS, dtype=jnp.int32)
-  stats_ref[...] = jnp.where(idx == NUM_STATS - 2, rounds,
-                             jnp.where(idx == NUM_STATS - 1, ok.astype(jnp.int32), stats))
+      def gap_rows(rows, real, acc):
+        best = jnp.max(rel_ref[rows[:, None], codes_k[None, :]] - scale * price[None, :],
+                       axis=1)
+        s = slot_ref[rows]
+        own = (a_ref[n, rows, jnp.maximum(s, 0)]
+               - plgpu.load(price_ref.at[cand_ref[rows, jnp.maximum(s, 0)]]))
+        return acc + jnp.sum(jnp.where(real, best - scale * own, 0.0))
+
+      gap = row_blocks(tile, gap_rows, jnp.float32(0.0))
+      unheld = jnp.sum(jnp.where((owner_ref[...] < 0) & (codes_k < k), price, 0.0))
+      cert = converged & (gap + scale * unheld <= 2 * l * eps_final * scale)
+    stats = jnp.where(stat_idx == _ROUNDS, rounds, stats)
+    stats = jnp.where(stat_idx == _CONVERGED, converged.astype(jnp.int32), stats)
+    stats = jnp.where(stat_idx == _LEVEL, n, stats)
+    return cert, converged, stats
+
+  false = pick(fits_ref, 0) < 0  # (traced: Triton's lowering cannot negate a constant)
+  carry = (false, false, jnp.zeros((STATS,), jnp.int32))
+  for n, c in enumerate(levels):
+    # A level runs only while the image is uncertified, and a cheap level only when its
+    # precheck passed; a level not run leaves no warm start.
+    active = ~carry[0] & (pick(fits_ref, n) > 0)
+    carry = (carry[0], carry[1] & active, carry[2])
+    carry = jax.lax.fori_loop(0, active.astype(jnp.int32),
+                              lambda _, cy, n=n, c=c: run_level(n, c, cy), carry)
+  stats_ref[...] = carry[2]
 
 
-def solver(*, num_codes, max_rounds, price_cap, phases, buffer, reverse_buffer,
-           interpret=None, num_warps=8):
-  """A batched drop-in for vmap(auction._auction_one) (the same constants passed in):
-  (cand, a, init_codes, init_price, run) -> (slot, ok, rounds, price, phase_rounds).
-  `run` [B] bool: images to solve (the others come back as started, ok False).
+def solve(cost, *, levels, max_rounds, price_caps, phases, buffer, reverse_buffer,
+          eps_final, interpret=None, num_warps=8):
+  """The auction on cost float32[B, L, K] (finite), one program per image. levels: the
+  list lengths (`auction.list_lengths`), with each level's round budget and price cap.
+  Returns `auction.auction_solve`'s per-image results: codes (-1: unassigned), ok,
+  rounds, scale and level (of the accepted level), history [B, levels, phases, 2].
   interpret=None: compiled on a GPU, Pallas' interpreter elsewhere."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  phases = tuple(float(e) for e in phases)
-  n_phases = len(phases)
-  assert 2 * n_phases <= NUM_STATS - 2
-
-  def solve(cand, a, init_codes, init_price, run):
-    b, l, c = cand.shape
-    k = num_codes
-    kp = _pow2(k)
-    person = jnp.arange(l, dtype=jnp.int32)
-    bi = jnp.arange(b)[:, None, None]
-    inv = jnp.full((b, l, kp), -1, jnp.int32).at[bi, person[None, :, None], cand].set(
-        jnp.arange(c, dtype=jnp.int32)[None, None, :])
-    inl = jnp.zeros((b, kp), jnp.int32).at[jnp.arange(b)[:, None], cand.reshape(b, -1)].set(1)
-    slot0 = jnp.where(init_codes >= 0,
-                      jnp.take_along_axis(inv, jnp.clip(init_codes, 0, kp - 1)[..., None],
-                                          axis=2)[..., 0], -1)
-    price0 = jnp.zeros((b, kp), jnp.float32).at[:, :k].set(init_price.astype(jnp.float32))
-    run = run.astype(jnp.int32)[:, None]
-    spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
-    kernel = functools.partial(_kernel, num_codes=k, max_rounds=max_rounds,
-                               price_cap=price_cap, phases=phases, buffer=buffer,
-                               reverse_buffer=reverse_buffer, interpret=interpret)
-    slot, price, _, stats = pl.pallas_call(
-        kernel, grid=(b,),
-        in_specs=[spec(l, c), spec(l, c), spec(l, kp), spec(kp), spec(l), spec(kp), spec(1)],
-        out_specs=[spec(l), spec(kp), spec(kp), spec(NUM_STATS)],
-        out_shape=[jax.ShapeDtypeStruct((b, l), jnp.int32),
-                   jax.ShapeDtypeStruct((b, kp), jnp.float32),
-                   jax.ShapeDtypeStruct((b, kp), jnp.int32),
-                   jax.ShapeDtypeStruct((b, NUM_STATS), jnp.int32)],
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
-        interpret=interpret, name="pivq_auction")(
-            cand.astype(jnp.int32), a.astype(jnp.float32), inv, inl, slot0.astype(jnp.int32),
-            price0, run)
-    phase_rounds = stats[:, :2 * n_phases].reshape(b, n_phases, 2)
-    return slot, stats[:, -1] > 0, stats[:, -2], price[:, :k], phase_rounds
-
-  return solve
-
-
-def supports(l: int) -> bool:
-  """Triton's tensors have power-of-two sizes: the kernel needs L to be one."""
-  return l >= 2 and l & (l - 1) == 0
+  b, l, k = cost.shape
+  levels = tuple(int(c) for c in levels)
+  n_levels, n_phases = len(levels), len(phases)
+  assert n_levels <= 6 and n_phases <= 5, "the stats layout holds 6 levels of 5 phases"
+  cf, kp, nlp = levels[-1], _pow2(k), _pow2(n_levels)
+  # Lists as `auction._level` makes them; top_k puts ties in index order, so each
+  # level's lists are the first columns of the final level's.
+  neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, cf))
+  spread = neg[..., :1] - neg
+  scale = jnp.stack([jnp.max(spread[..., :c], axis=(1, 2)) for c in levels], axis=1)
+  scale = jnp.where(scale > 0, scale, 1.0)
+  a = jnp.stack([jnp.pad(-spread[..., :c] / scale[:, n, None, None],
+                         ((0, 0), (0, 0), (0, cf - c))) for n, c in enumerate(levels)], 1)
+  top1 = jnp.zeros((b, k), jnp.int32).at[jnp.arange(b)[:, None], cand[..., 0]].add(1)
+  fits = jnp.stack([(jnp.max(top1, axis=1) <= c) | (n == n_levels - 1)
+                    for n, c in enumerate(levels)], axis=1).astype(jnp.int32)
+  pad_levels = lambda x: jnp.pad(x, ((0, 0), (0, nlp - n_levels)))
+  person = jnp.arange(l, dtype=jnp.int32)
+  inv = jnp.full((b, l, kp), -1, jnp.int32).at[
+      jnp.arange(b)[:, None, None], person[None, :, None], cand].set(
+          jnp.arange(cf, dtype=jnp.int32)[None, None, :])
+  minpos = jnp.min(jnp.where(inv >= 0, inv, cf), axis=1)
+  if n_levels > 1:
+    rel = jnp.pad(-(neg[..., :1] + cost), ((0, 0), (0, 0), (0, kp - k)),
+                  constant_values=-np.inf)
+  else:
+    rel = jnp.zeros((b, 1, 1), jnp.float32)  # no certificate: never read
+  spec = lambda *shape: pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
+  kernel = functools.partial(
+      _kernel, levels=levels, num_codes=k, max_rounds=tuple(max_rounds),
+      price_caps=tuple(float(x) for x in price_caps), phases=tuple(float(e) for e in phases),
+      buffer=buffer, reverse_buffer=reverse_buffer, eps_final=float(eps_final),
+      interpret=interpret)
+  slot, _, _, stats = pl.pallas_call(
+      kernel, grid=(b,),
+      in_specs=[spec(l, cf), spec(n_levels, l, cf), spec(*rel.shape[1:]), spec(l, kp),
+                spec(kp), spec(nlp), spec(nlp)],
+      out_specs=[spec(l), spec(kp), spec(kp), spec(STATS)],
+      out_shape=[jax.ShapeDtypeStruct((b, l), jnp.int32),
+                 jax.ShapeDtypeStruct((b, kp), jnp.float32),
+                 jax.ShapeDtypeStruct((b, kp), jnp.int32),
+                 jax.ShapeDtypeStruct((b, STATS), jnp.int32)],
+      compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
+      interpret=interpret, name="pivq_auction")(
+          cand.astype(jnp.int32), a, rel, inv, minpos, pad_levels(scale), pad_levels(fits))
+  level = stats[:, _LEVEL]
+  codes = jnp.take_along_axis(cand, jnp.maximum(slot, 0)[..., None], axis=-1)[..., 0]
+  history = stats[:, :10 * n_levels].reshape(b, n_levels, 5, 2)[:, :, :n_phases]
+  return {"codes": jnp.where(slot >= 0, codes, -1).astype(jnp.int32),
+          "ok": stats[:, _CONVERGED] > 0, "rounds": stats[:, _ROUNDS],
+          "scale": jnp.take_along_axis(scale, level[:, None], axis=1)[:, 0],
+          "level": jnp.asarray(levels, jnp.int32)[level], "history": history}
