@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every matching measurement a GPU is needed for, in one run (docs/benchmarks.md, "NVIDIA
-# H100"): all solvers on the four paper-scale families (512x4096, B=8) with the auction's
-# per-image and lock-step round counts, the auction and nearest VQ again with XLA's
+# H100"): all solvers on the four paper-scale families (512x4096, B=8), the auction both
+# as pure JAX (with its per-image and lock-step round counts) and as the fused Pallas
+# kernel (one launch per solve), the pure-JAX auction and nearest VQ again with XLA's
 # command buffers (while loops and conditionals replayed on the device, no host round trip
 # per iteration), and the faces size (32x1,024).
 #
@@ -33,13 +34,14 @@ step() {  # step NAME [ENV=VALUE ...] -- ARGS...: benchmarks/matching.py, logged
     > "$out/device.txt" 2>&1
 cat "$out/device.txt"
 if [[ -n ${QUICK:-} ]]; then
-  step faces_quick -- --sizes=faces256 --families=random,collapsed1 --repeats=2
+  step faces_quick -- --sizes=faces256 --families=random,collapsed1 --repeats=2 \
+      --methods=nearest,auction_fused,auction_xla,hungarian,scipy
   exit $status
 fi
 step paper -- --sizes=paper \
-    --methods=nearest,auction,hungarian,scipy,scipy_threads,sparse,sinkhorn
+    --methods=nearest,auction_fused,auction_xla,hungarian,scipy,scipy_threads,sparse,sinkhorn
 step paper_command_buffers \
     XLA_FLAGS=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUDNN,CUSTOM_CALL,CONDITIONAL,WHILE \
-    -- --sizes=paper --methods=nearest,auction
-step faces -- --sizes=faces --methods=nearest,auction,hungarian,scipy,sinkhorn
+    -- --sizes=paper --methods=nearest,auction_xla
+step faces -- --sizes=faces --methods=nearest,auction_fused,auction_xla,hungarian,scipy,sinkhorn
 exit $status

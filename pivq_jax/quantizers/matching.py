@@ -118,6 +118,7 @@ def fused_auction_available() -> bool:
     got, want = (jax.jit(functools.partial(auction.auction_solve, kernel=kn))(cost)[0]
                  for kn in ("pallas", "xla"))
     assert bool(jnp.all(got == want)), "its tiny solve differs from the pure-JAX one"
+    logging.info("Matching: the auction runs as one fused Pallas kernel per solve.")
     return True
   except Exception as e:  # pylint: disable=broad-except
     logging.warning("Matching: the fused auction kernel is unavailable (%s); using the "
@@ -125,10 +126,17 @@ def fused_auction_available() -> bool:
     return False
 
 
+@functools.cache
 def auction_kernel_choice(l: int) -> str:
   """The auction's kernel for L latents here: "pallas" on a GPU that runs it (Triton
   needs L to be a power of two), else "xla"."""
-  return "pallas" if auction_kernel.supports(l) and fused_auction_available() else "xla"
+  if not fused_auction_available():
+    return "xla"
+  if not auction_kernel.supports(l):
+    logging.info("Matching: L = %d is not a power of two, which the fused auction kernel "
+                 "needs; using the pure-JAX auction.", l)
+    return "xla"
+  return "pallas"
 
 
 auction_solve = auction.auction_solve
