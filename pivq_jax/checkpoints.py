@@ -207,7 +207,9 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 # ----------------------------------------------------------------------------------------
 IDENTITY_SECTIONS = ("family", "data", "model", "quantizer", "disc", "factorqvae")
 # Where the data lives and how it is read may change between machines; the model may not.
-_NOT_IDENTITY = {"data": ("data_dir", "num_threads", "max_unreadable_fraction")}
+# The auction's kernel gives the same codes either way.
+_NOT_IDENTITY = {"data": ("data_dir", "num_threads", "max_unreadable_fraction"),
+                 "quantizer": ("auction_kernel",)}
 
 # Fields added after workdirs were written, with the value those workdirs were trained with.
 _LEGACY_VALUES = {"factorqvae": {"image_offset": 0.0, "residual_gain": None,

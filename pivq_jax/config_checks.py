@@ -174,6 +174,9 @@ def check_config(config, *, num_devices: int) -> None:
   if q.assignment == "matching" and q.solver not in matching.SOLVERS:
     raise ConfigError(f"quantizer.solver is {q.solver!r}; use one of "
                       f"{', '.join(matching.SOLVERS)}.")
+  if q.get("auction_kernel", "auto") not in matching.AUCTION_KERNELS:
+    raise ConfigError(f"quantizer.auction_kernel is {q.auction_kernel!r}; use one of "
+                      f"{', '.join(matching.AUCTION_KERNELS)}.")
   ci = config.codebook_init
   wants_codes = {"generative", "probing", "disentanglement"} & set(config.eval.evaluators)
   if ci.start_step > config.num_train_steps and wants_codes:

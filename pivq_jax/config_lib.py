@@ -55,6 +55,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.quantizer.assignment = "nearest"  # nearest | matching
   c.quantizer.num_codes = 2048  # K
   c.quantizer.solver = "auction"  # matching: auction (on device) | hungarian | sinkhorn
+  # The auction as one fused Pallas kernel (a GPU that compiles it) or pure JAX: the same
+  # codes, so not part of a workdir's identity. auto | xla | pallas (off GPU: interpreted).
+  c.quantizer.auction_kernel = "auto"
   c.quantizer.beta = 0.25
   c.quantizer.beta_on_codebook = True  # UT's convention; False = VQ-VAE's
   c.quantizer.validate_every = 1000  # matching: exact host Hungarian check every N steps

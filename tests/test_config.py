@@ -203,6 +203,7 @@ def test_factorqvae_fields_reach_the_model(field, value):
     ("model", "norm_groups", 8), ("model", "ch_mult", (1, 2)),
     ("model", "trunk_init", "torch"),
     ("quantizer", "beta", 0.5), ("quantizer", "solver", "sinkhorn"),
+    ("quantizer", "auction_kernel", "xla"),
     ("disc", "n_layers", 2)])
 def test_pivq_fields_reach_the_modules(section, field, value):
   c = config_lib.base_config()

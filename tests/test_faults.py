@@ -157,6 +157,25 @@ def test_failed_start_does_not_claim_the_workdir(tiny, tmp_path):
                      "of auction, hungarian, sinkhorn"):
     runner.run(tiny, str(tmp_path))
   assert not (tmp_path / "config.json").exists()
+  tiny.quantizer.solver = "auction"
+  tiny.quantizer.auction_kernel = "cuda"
+  with pytest.raises(config_lib.ConfigError, match="quantizer.auction_kernel is 'cuda'; "
+                     "use one of auto, xla, pallas"):
+    runner.run(tiny, str(tmp_path))
+  assert not (tmp_path / "config.json").exists()
+
+
+def test_the_auction_kernel_is_not_part_of_a_workdirs_identity(tiny):
+  """The fused and the pure-JAX auction give the same codes: switching between them (or
+  a workdir written before the field existed) resumes; another solver does not."""
+  saved = json.loads(tiny.to_json_best_effort())
+  for changed, same in (({"auction_kernel": "pallas"}, True), ({"solver": "sinkhorn"}, False)):
+    now = json.loads(tiny.to_json_best_effort())
+    now["quantizer"].update(changed)
+    assert (checkpoints.identity(saved) == checkpoints.identity(now)) == same
+  del saved["quantizer"]["auction_kernel"]  # a workdir from before the field
+  assert checkpoints.identity(saved) == checkpoints.identity(
+      json.loads(tiny.to_json_best_effort()))
 
 
 def test_export_and_eval_into_writable_directories_from_a_read_only_run(

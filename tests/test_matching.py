@@ -372,5 +372,10 @@ def test_kernel_choice():
   assert not matching.fused_auction_available()
   with pytest.raises(ValueError, match="Unknown auction kernel"):
     auction.auction_solve(jnp.zeros((1, 2, 4)), kernel="cuda")
+  with pytest.raises(ValueError, match="Unknown auction kernel 'cuda'"):
+    matching.assign(jnp.zeros((1, 2, 4)), auction_kernel="cuda")
+  cost = jnp.asarray(np.random.default_rng(11).random((2, 4, 8)), jnp.float32)
+  np.testing.assert_array_equal(matching.assign(cost, auction_kernel="pallas"),
+                                matching.assign(cost, auction_kernel="xla"))
   from pivq_jax.quantizers import auction_kernel  # pylint: disable=g-import-not-at-top
   assert [auction_kernel.supports(n) for n in (1, 2, 48, 512)] == [False, True, False, True]

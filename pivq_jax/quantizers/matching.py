@@ -42,6 +42,7 @@ from pivq_jax.quantizers import matching_host
 from pivq_jax.quantizers import sinkhorn
 
 SOLVERS = ("auction", "hungarian", "sinkhorn")
+AUCTION_KERNELS = ("auto",) + auction.KERNELS
 
 _NONFINITE_MSG = ("Matching cost contains NaN or Inf; the encoder output or codebook has "
                   "diverged (lower the learning rate or check the inputs).")
@@ -75,7 +76,8 @@ def _raise_if_nonfinite(all_finite):
     raise ValueError(_NONFINITE_MSG)
 
 
-def assign(cost, *, solver: str = "auction", check_finite: bool = True):
+def assign(cost, *, solver: str = "auction", check_finite: bool = True,
+           auction_kernel: str = "auto"):
   """cost: float[..., L, K] with L <= K -> int32[..., L] of distinct codes per row.
 
   Minimises sum_l cost[..., l, out[..., l]] subject to out[...] having no repeats
@@ -85,9 +87,14 @@ def assign(cost, *, solver: str = "auction", check_finite: bool = True):
   whose own per-step finite check reports divergence with its step and last good
   checkpoint) skips the run-time check, which also keeps host callbacks out of the auction
   (so the persistent compilation cache can hold it); images with non-finite costs get -1.
+  `auction_kernel`: "auto" (`auction_kernel_choice`), "xla" or "pallas" (the fused
+  kernel; off GPU in Pallas' interpreter, slowly): the same codes.
   """
   if solver not in SOLVERS:
     raise ValueError(f"Unknown matching solver {solver!r}; use one of {SOLVERS}.")
+  if auction_kernel not in AUCTION_KERNELS:
+    raise ValueError(f"Unknown auction kernel {auction_kernel!r}; use one of "
+                     f"{AUCTION_KERNELS}.")
   *lead, l, k = cost.shape
   if l > k:
     raise ValueError(f"Matching needs L <= K, got L={l} latents and K={k} codes.")
@@ -101,7 +108,8 @@ def assign(cost, *, solver: str = "auction", check_finite: bool = True):
     return _hungarian(cost, check_finite)
   flat = cost.reshape(-1, l, k)
   if solver == "auction":
-    out = _auction_jit(flat)
+    out = _auction_jit(flat, auction_kernel if auction_kernel != "auto"
+                       else auction_kernel_choice(l))
   else:
     out = _sinkhorn_jit(flat)
   return out.reshape(*lead, l)
@@ -140,6 +148,6 @@ def auction_kernel_choice(l: int) -> str:
 
 
 auction_solve = auction.auction_solve
-_auction_jit = jax.jit(
-    lambda c: auction.auction_solve(c, kernel=auction_kernel_choice(c.shape[1]))[0])
+_auction_jit = jax.jit(lambda c, kernel: auction.auction_solve(c, kernel=kernel)[0],
+                       static_argnums=1)
 _sinkhorn_jit = jax.jit(sinkhorn.sinkhorn_solve)

@@ -59,6 +59,8 @@ class VectorQuantizer(nn.Module):
     dim: D, the code dimension.
     assignment: "nearest" or "matching".
     solver: matching solver (see `matching.assign`); ignored for nearest.
+    auction_kernel: the auction's kernel: "auto" (the fused Pallas kernel on a GPU that
+      runs it, else pure JAX), "xla" or "pallas" (see `matching.assign`); the same codes.
     beta: weight of one of the two VQ loss terms (0.25 in UT and the paper).
     beta_on_codebook: UT's convention (default) puts beta on the codebook term,
       ||sg(z_e) - z_q||^2; VQ-VAE puts it on the commitment term ||z_e - sg(z_q)||^2.
@@ -67,6 +69,7 @@ class VectorQuantizer(nn.Module):
   dim: int
   assignment: str = "nearest"
   solver: str = "hungarian"
+  auction_kernel: str = "auto"
   beta: float = 0.25
   beta_on_codebook: bool = True
 
@@ -89,7 +92,8 @@ class VectorQuantizer(nn.Module):
     # Each device solves its own images (the solver's loop length varies per image).
     # Divergence is the train step's finite check to report (with the step and the last
     # good checkpoint), not a callback's: images with non-finite costs get code -1.
-    solve = functools.partial(matching.assign, solver=self.solver, check_finite=False)
+    solve = functools.partial(matching.assign, solver=self.solver, check_finite=False,
+                              auction_kernel=self.auction_kernel)
     return sharding.per_example(solve, jnp.sqrt(jnp.maximum(d2, 0.0)))
 
   def lookup(self, indices):
