@@ -377,5 +377,23 @@ def test_kernel_choice():
   cost = jnp.asarray(np.random.default_rng(11).random((2, 4, 8)), jnp.float32)
   np.testing.assert_array_equal(matching.assign(cost, auction_kernel="pallas"),
                                 matching.assign(cost, auction_kernel="xla"))
+
+
+def test_kernel_check_runs_inside_a_traced_step(monkeypatch, caplog):
+  """On a GPU the first matching usually comes from a train step being traced: the check
+  solve must still run (on concrete arrays) and pick the kernel, not fail on tracers and
+  fall back. Here "GPU" is simulated and the kernel is interpreted."""
+  monkeypatch.setattr(matching, "_on_gpu", lambda: True)
+  for fn in (matching.fused_auction_available, matching.auction_kernel_choice):
+    fn.cache_clear()
+  try:
+    seen = []
+    jax.jit(lambda c: seen.append(matching.auction_kernel_choice(c.shape[1])) or c)(
+        jnp.zeros((2, 8, 24)))
+    assert seen == ["pallas"] and matching.auction_kernel_choice(6) == "xla"  # L = 6: no
+    assert "unavailable" not in caplog.text
+  finally:
+    for fn in (matching.fused_auction_available, matching.auction_kernel_choice):
+      fn.cache_clear()
   from pivq_jax.quantizers import auction_kernel  # pylint: disable=g-import-not-at-top
   assert [auction_kernel.supports(n) for n in (1, 2, 48, 512)] == [False, True, False, True]

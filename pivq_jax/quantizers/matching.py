@@ -29,6 +29,7 @@ line of defence the auction and the host solvers return -1 for every latent of a
 whose costs are not finite.
 """
 
+import concurrent.futures
 import functools
 
 from absl import logging
@@ -115,17 +116,27 @@ def assign(cost, *, solver: str = "auction", check_finite: bool = True,
   return out.reshape(*lead, l)
 
 
+def _on_gpu() -> bool:
+  return jax.default_backend() == "gpu"
+
+
 @functools.cache
 def fused_auction_available() -> bool:
   """A GPU where the fused auction kernel compiles and a tiny solve equals the pure-JAX
   auction's (checked once per process; logged when not)."""
-  if jax.default_backend() != "gpu":
+  if not _on_gpu():
     return False
-  cost = jnp.asarray(np.random.default_rng(0).random((2, 8, 24)), jnp.float32)
-  try:
+  def check():
+    cost = jnp.asarray(np.random.default_rng(0).random((2, 8, 24)), jnp.float32)
     got, want = (jax.jit(functools.partial(auction.auction_solve, kernel=kn))(cost)[0]
                  for kn in ("pallas", "xla"))
-    assert bool(jnp.all(got == want)), "its tiny solve differs from the pure-JAX one"
+    assert bool(jnp.all(got == want)), "its check solve differs from the pure-JAX one"
+
+  try:
+    # Usually first asked while a train step is traced: JAX's tracing state is per
+    # thread, so in a thread of its own the check runs now, on concrete arrays.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      pool.submit(check).result()
     logging.info("Matching: the auction runs as one fused Pallas kernel per solve.")
     return True
   except Exception as e:  # pylint: disable=broad-except
