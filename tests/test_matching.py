@@ -322,6 +322,30 @@ def test_kernel_equals_the_xla_auction_round_for_round():
 
 
 @pytest.mark.slow
+def test_kernel_ladder_equals_the_xla_auction():
+  """One image each (so the pure-JAX batch-wide cascade is the kernel's per-image one):
+  a cheap level abandoned at the price cap, then a cold start at C = L; and a cheap level
+  that converges but is not certified, then a warm start. The same rounds at every level
+  and phase, and the same codes."""
+  rng = np.random.default_rng(12)
+  cb = rng.normal(size=(128, 4)).astype(np.float32)
+  near = np.argsort(np.linalg.norm(cb - cb[0], axis=1))[1]  # 32 latents each on 2 close codes
+  abandoned = _euclidean(cb[np.repeat([0, near], 32)][None]
+                         + 1e-3 * rng.normal(size=(1, 64, 4)), cb)
+  rng = np.random.default_rng(1)
+  small = rng.normal(size=(128, 4)).astype(np.float32)
+  warm = _euclidean(0.3 * rng.normal(size=(1, 64, 4)).astype(np.float32), small)
+  for cost in (abandoned, warm):
+    want, want_info = _solve(cost, "xla")
+    got, info = _solve(cost, "pallas")
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(info["phase_rounds"], want_info["phase_rounds"])
+    assert np.all(np.asarray(info["level_rounds"]) > 0)  # both levels ran
+    assert int(info["level"][0]) == 64
+    _check(cost, got)
+
+
+@pytest.mark.slow
 @hypothesis.settings(max_examples=25, deadline=None)
 @hypothesis.given(_instances())
 def test_kernel_matches_scipy(cost):
