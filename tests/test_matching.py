@@ -44,14 +44,14 @@ def _euclidean(z, codebook):
 
 
 @st.composite
-def _instances(draw):
+def _instances(draw, ls=tuple(range(1, 9))):
   """Small instances: floats, or tiny-range integers (ties), optionally duplicated rows.
 
   B is padded to 3 and K to 12 (extra codes cost more than any real one, so they never
-  belong to an optimum) to keep the number of compiled shapes small.
+  belong to an optimum) to keep the number of compiled shapes small; L is one of `ls`.
   """
   b = draw(st.integers(1, 3))
-  l = draw(st.integers(1, 8))
+  l = draw(st.sampled_from(ls))
   k = draw(st.integers(l, 12))
   if draw(st.booleans()):
     cost = draw(hnp.arrays(np.float32, (b, l, k), elements=st.integers(0, 2).map(float)))
@@ -346,8 +346,8 @@ def test_kernel_ladder_equals_the_xla_auction():
 
 
 @pytest.mark.slow
-@hypothesis.settings(max_examples=25, deadline=None)
-@hypothesis.given(_instances())
+@hypothesis.settings(max_examples=20, deadline=None)
+@hypothesis.given(_instances(ls=(1, 5, 8)))  # three kernels to compile (interpreted)
 def test_kernel_matches_scipy(cost):
   b, l, k = cost.shape
   padded = np.full((3, l, 12), float(cost.max()) + 1.0, np.float32)
