@@ -87,6 +87,14 @@ LADDER = (32, 128)
 BUFFER = 32  # unassigned latents bidding per forward round (at most)
 REVERSE_BUFFER = 8  # overpriced unheld codes handled per reverse round (at most)
 PRICE_CAP = 8.0  # a cheap level gives up when a price passes this (likely infeasible)
+
+
+def direct_rounds(l: int) -> int:
+  """Forward rounds the direct attempt (no eps-scaling) may take before the eps-scaling
+  phases start over: twice what seating L latents BUFFER at a time takes, plus 16 (a
+  choice; docs/benchmarks.md: Gaussian latents finish in 23-34 at 512 x 4,096 and 1-3 at
+  32 x 1,024, collapsed ones would fight price wars for 7,000-31,000)."""
+  return 2 * -(-l // BUFFER) + 16
 KERNELS = ("xla", "pallas")
 
 
@@ -122,7 +130,8 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
   (-1: none) and init_price float32[K] warm-start it (any prices and any one-to-one
   partial assignment are a valid start: latents violating eps-CS are evicted first).
   Returns (slot int32[L] positions in the candidate lists, ok bool, rounds int32, price,
-  phase_rounds int32[phases, 2]: each eps phase's forward and reverse rounds).
+  phase_rounds int32[1 + phases, 2]: the direct attempt's and each eps phase's forward
+  and reverse rounds).
   ok is False when max_rounds ran out or a price passed price_cap (then slot may hold
   -1s; the caller retries with longer lists).
   """
@@ -213,7 +222,7 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
   def running(top_price, rounds):
     return (rounds < max_rounds) & (top_price <= price_cap)
 
-  def phase(carry, eps):
+  def phase(carry, eps, limit=None):
     price, owner, slot, rounds, top_price = carry
     start = rounds
     # Latents violating the new (smaller) eps-CS give their codes up; the others keep them.
@@ -223,7 +232,8 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
     slot = jnp.where(evict, -1, slot)
 
     def fwd_cond(s):
-      return jnp.any(s[2] < 0) & running(s[4], s[3])
+      go = jnp.any(s[2] < 0) & running(s[4], s[3])
+      return go if limit is None else go & (s[3] - start < limit)
 
     def fwd_body(s):
       price, owner, slot, top = forward_round(*s[:3], eps)
@@ -255,8 +265,18 @@ def _auction_one(cand, a, init_codes, init_price, *, num_codes, max_rounds, pric
   slot = slot.astype(jnp.int32)
   owner = jnp.full((k,), -1, jnp.int32).at[held(slot)].set(person, mode="drop")
   init = (init_price.astype(jnp.float32), owner, slot, jnp.int32(0), jnp.max(init_price))
+  # The direct attempt: EPS_FINAL at once, at most direct_rounds(L) forward rounds. From
+  # zero prices (or a converged level's, whose unheld codes sit at 0) forward rounds keep
+  # every unheld code at the lowest price, so reverse steps are rare. Where it
+  # finishes (latents that rarely compete) the eps-scaling phases below find nothing to
+  # do; elsewhere they start over from `init`. Its rounds count either way.
+  direct, first = phase(init, jnp.float32(EPS_FINAL), limit=direct_rounds(l))
+  done = jnp.all(direct[2] >= 0) & running(direct[4], direct[3])
+  start = jax.tree.map(lambda d, i: jnp.where(done, d, i), direct, init)
+  start = (*start[:3], direct[3], start[4])
   (price, owner, slot, rounds, top_price), phase_rounds = jax.lax.scan(
-      phase, init, jnp.asarray(_phases()))
+      phase, start, jnp.asarray(_phases()))
+  phase_rounds = jnp.concatenate([first[None], phase_rounds])
   ok = jnp.all(slot >= 0) & running(top_price, rounds)
   return slot, ok, rounds, price, phase_rounds
 
@@ -274,7 +294,8 @@ def _fill_unassigned(codes, num_codes):
 def _level(cost, init, *, c, final, max_rounds):
   """Auction with the top-c codes of every latent as candidates, warm-started from the
   previous level's result `init` where that one converged. Returns a result dict (its
-  "phase_rounds" [B, phases, 2]: forward and reverse rounds per eps phase)."""
+  "phase_rounds" [B, 1 + phases, 2]: forward and reverse rounds of the direct attempt
+  and of each eps phase)."""
   bsz, l, k = cost.shape
   # The barrier keeps XLA from rewriting top_k into a full sort when fused with its users.
   # One barrier per array: a barrier over the (values, indices) pair crashes XLA:CPU's
@@ -321,7 +342,7 @@ def _level(cost, init, *, c, final, max_rounds):
              "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
              "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
              "level": jnp.full((bsz,), c, jnp.int32),
-             "phase_rounds": jnp.zeros((bsz, len(_phases()), 2), jnp.int32)}
+             "phase_rounds": jnp.zeros((bsz, len(_phases()) + 1, 2), jnp.int32)}
   return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
 
 
@@ -347,7 +368,7 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
   free codes, still one-to-one), "gap_bound" (L * 2^-21 * S, the guaranteed bound on
   total cost - optimum in cost units; see the module docstring), "level_rounds" (int32[B,
   levels]: each image's rounds at every list length, abandoned levels included;
-  "phase_rounds" int32[B, levels, eps phases, 2] splits them into forward and reverse
+  "phase_rounds" int32[B, levels, 1 + eps phases, 2] splits them into forward and reverse
   rounds per phase),
   "lockstep_rounds" (the rounds this call's loops ran, the accelerator's cost: "xla"
   moves the batch in lock step, each while loop as long as its slowest image, and a level
@@ -371,7 +392,7 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
          "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
          "rounds": jnp.zeros((bsz,), jnp.int32), "scale": jnp.ones((bsz,), jnp.float32),
          "level": jnp.zeros((bsz,), jnp.int32),
-         "history": jnp.zeros((bsz, len(levels), len(_phases()), 2), jnp.int32)}
+         "history": jnp.zeros((bsz, len(levels), len(_phases()) + 1, 2), jnp.int32)}
 
   def level(r, i, c):
     out = _level(cost, r, c=c, final=c == final_c, max_rounds=budgets[i])
@@ -381,7 +402,8 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
   budgets = [max_rounds if c == final_c else 20 * l + 4000 for c in levels]
   if kernel == "pallas":
     res = auction_kernel.solve(
-        cost, levels=levels, max_rounds=budgets, phases=_phases(), buffer=BUFFER,
+        cost, levels=levels, max_rounds=budgets, phases=_phases(),
+        direct_limit=direct_rounds(l), buffer=BUFFER,
         price_caps=[np.inf if c == final_c else PRICE_CAP for c in levels],
         reverse_buffer=REVERSE_BUFFER, eps_final=EPS_FINAL)
   for i, c in enumerate(levels if kernel == "xla" else []):

@@ -24,8 +24,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Per image: [10 n + 2 p + d] list level n's eps phase p, forward (d = 0) / reverse rounds;
-# then the accepted level's rounds, converged, and the accepted level's index.
+# Per image: [12 n + 2 q + d] list level n's direct attempt (q = 0) or eps phase q - 1,
+# forward (d = 0) / reverse rounds; then the accepted level's rounds, converged, and the
+# accepted level's index.
 STATS = 64
 _ROUNDS, _CONVERGED, _LEVEL = 60, 61, 62
 
@@ -49,7 +50,8 @@ def supports(l: int) -> bool:
 
 def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
             slot_ref, price_ref, owner_ref, stats_ref, *, levels, num_codes, max_rounds,
-            price_caps, phases, buffer, reverse_buffer, eps_final, interpret):
+            price_caps, phases, direct_limit, buffer, reverse_buffer, eps_final,
+            interpret):
   """One image's auction over the list ladder (`auction.auction_solve`'s levels, each
   `auction._auction_one`'s rounds). Refs: cand [L, Cf] the final level's lists, nearest
   first (level n's lists are their first levels[n] columns); a [NL, L, Cf] level n's
@@ -201,11 +203,9 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
       barrier()
       return carry + 1  # (a loop-carried value: Triton's loops cannot yield constants)
 
-    def phase(p, pc):
+    def phase(q, eps, pc, limit=None):
+      """One eps phase (`_auction_one`'s); its rounds go to stats entry q."""
       rounds, top, stats = pc
-      eps = jnp.float32(phases[0])
-      for i, e in enumerate(phases[1:], 1):  # phase p's eps (no float table in a kernel)
-        eps = jnp.where(p >= i, jnp.float32(e), eps)
       row_blocks(nb, functools.partial(evict, eps=eps), jnp.int32(0))
       start = rounds
       unassigned = lambda: jnp.sum((slot_ref[...] < 0).astype(jnp.int32))
@@ -214,8 +214,12 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
         t = forward_round(eps)
         return s[0] + 1, jnp.maximum(s[1], t), unassigned()
 
-      rounds, top, left = jax.lax.while_loop(
-          lambda s: (s[2] > 0) & running(s[1], s[0]), fwd_body, (rounds, top, unassigned()))
+      def fwd_cond(s):
+        go = (s[2] > 0) & running(s[1], s[0])
+        return go if limit is None else go & (s[0] - start < limit)
+
+      rounds, top, left = jax.lax.while_loop(fwd_cond, fwd_body,
+                                             (rounds, top, unassigned()))
       forward = rounds - start
       lam = jnp.min(jnp.where(owner_ref[...] >= 0, price_ref[...], jnp.inf))
       go = (left == 0) & running(top, rounds)
@@ -231,7 +235,7 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
       barrier()
       price_ref[...] = price
       barrier()
-      at = 10 * n + 2 * p
+      at = 12 * n + 2 * q
       stats = jnp.where(stat_idx == at, forward,
                         jnp.where(stat_idx == at + 1, rounds - start - forward, stats))
       return rounds, jnp.max(price), stats
@@ -249,8 +253,29 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
     barrier()
     put(owner_ref, held(slot), person, slot >= 0)
     barrier()
-    rounds, top, stats = jax.lax.fori_loop(
-        0, len(phases), phase, (jnp.int32(0), jnp.max(price), stats))
+    # The direct attempt (`_auction_one`'s): EPS_FINAL at once, a bounded forward; where
+    # it does not finish, the eps-scaling phases start over from the warm or cold start.
+    rounds, top, stats = phase(0, jnp.float32(eps_final),
+                               (jnp.int32(0), jnp.max(price), stats), limit=direct_limit)
+    done = _all(slot_ref[...] >= 0) & running(top, rounds)
+    barrier()
+    slot_ref[...] = jnp.where(done, slot_ref[...], slot)
+    price_ref[...] = jnp.where(done, price_ref[...], price)
+    top = jnp.where(done, top, jnp.max(price))
+    barrier()
+    owner_ref[...] = jnp.full((kp,), -1, jnp.int32)
+    barrier()
+    now = slot_ref[...]
+    put(owner_ref, held(now), person, now >= 0)
+    barrier()
+
+    def scaled_phase(p, pc):
+      eps = jnp.float32(phases[0])
+      for i, e in enumerate(phases[1:], 1):  # phase p's eps (no float table in a kernel)
+        eps = jnp.where(p >= i, jnp.float32(e), eps)
+      return phase(p + 1, eps, pc)
+
+    rounds, top, stats = jax.lax.fori_loop(0, len(phases), scaled_phase, (rounds, top, stats))
     converged = _all(slot_ref[...] >= 0) & running(top, rounds)
     cert = converged
     if not final:
@@ -287,8 +312,8 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
   stats_ref[...] = carry[2]
 
 
-def solve(cost, *, levels, max_rounds, price_caps, phases, buffer, reverse_buffer,
-          eps_final, interpret=None, num_warps=8):
+def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
+          reverse_buffer, eps_final, interpret=None, num_warps=8):
   """The auction on cost float32[B, L, K] (finite), one program per image. levels: the
   list lengths (`auction.list_lengths`), with each level's round budget and price cap.
   Returns `auction.auction_solve`'s per-image results: codes (-1: unassigned), ok,
@@ -301,7 +326,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, buffer, reverse_buffe
   b, l, k = cost.shape
   levels = tuple(int(c) for c in levels)
   n_levels, n_phases = len(levels), len(phases)
-  assert n_levels <= 6 and n_phases <= 5, "the stats layout holds 6 levels of 5 phases"
+  assert n_levels <= 5 and n_phases <= 5, "the stats layout holds 5 levels of 1 + 5 phases"
   cf, kp, nlp = levels[-1], _pow2(k), _pow2(n_levels)
   # Lists as `auction._level` makes them; top_k puts ties in index order, so each
   # level's lists are the first columns of the final level's.
@@ -329,7 +354,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, buffer, reverse_buffe
   kernel = functools.partial(
       _kernel, levels=levels, num_codes=k, max_rounds=tuple(max_rounds),
       price_caps=tuple(float(x) for x in price_caps), phases=tuple(float(e) for e in phases),
-      buffer=buffer, reverse_buffer=reverse_buffer, eps_final=float(eps_final),
+      direct_limit=int(direct_limit), buffer=buffer, reverse_buffer=reverse_buffer, eps_final=float(eps_final),
       interpret=interpret)
   slot, _, _, stats = pl.pallas_call(
       kernel, grid=(b,),
@@ -345,7 +370,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, buffer, reverse_buffe
           cand.astype(jnp.int32), a, rel, inv, minpos, pad_levels(scale), pad_levels(fits))
   level = stats[:, _LEVEL]
   codes = jnp.take_along_axis(cand, jnp.maximum(slot, 0)[..., None], axis=-1)[..., 0]
-  history = stats[:, :10 * n_levels].reshape(b, n_levels, 5, 2)[:, :, :n_phases]
+  history = stats[:, :12 * n_levels].reshape(b, n_levels, 6, 2)[:, :, :1 + n_phases]
   return {"codes": jnp.where(slot >= 0, codes, -1).astype(jnp.int32),
           "ok": stats[:, _CONVERGED] > 0, "rounds": stats[:, _ROUNDS],
           "scale": jnp.take_along_axis(scale, level[:, None], axis=1)[:, 0],
