@@ -42,7 +42,11 @@ Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
 4. eps-scaling: eps = EPS_START, /EPS_FACTOR per phase, down to EPS_FINAL. Assignments
    are kept between phases and only latents violating the new eps-CS give their codes up.
    This keeps identical latents (collapsed encoders) from refighting their price war from
-   scratch in every phase.
+   scratch in every phase. Before it, a direct attempt runs one phase at EPS_FINAL with a
+   few forward rounds (`direct_rounds`): latents that rarely want the same code
+   (Gaussian ones, most trained ones) finish there, and the scaled phases then find
+   nothing to do; near-identical ones would start a long price war, so where the attempt
+   does not finish the scaled phases start over from the level's start.
 
 Optimality bound
 ----------------
