@@ -324,6 +324,9 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   b, l, k = cost.shape
+  if not interpret and not supports(l):
+    raise ValueError(f"The fused auction kernel needs L to be a power of two on a GPU, got "
+                     f"L={l}; use the pure-JAX auction (kernel='xla').")
   levels = tuple(int(c) for c in levels)
   n_levels, n_phases = len(levels), len(phases)
   assert n_levels <= 5 and n_phases <= 5, "the stats layout holds 5 levels of 1 + 5 phases"
@@ -336,6 +339,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
   scale = jnp.where(scale > 0, scale, 1.0)
   a = jnp.stack([jnp.pad(-spread[..., :c] / scale[:, n, None, None],
                          ((0, 0), (0, 0), (0, cf - c))) for n, c in enumerate(levels)], 1)
+  a = jnp.pad(a, ((0, 0), (0, nlp - n_levels), (0, 0), (0, 0)))  # Triton: power-of-two blocks
   top1 = jnp.zeros((b, k), jnp.int32).at[jnp.arange(b)[:, None], cand[..., 0]].add(1)
   fits = jnp.stack([(jnp.max(top1, axis=1) <= c) | (n == n_levels - 1)
                     for n, c in enumerate(levels)], axis=1).astype(jnp.int32)
@@ -358,7 +362,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
       interpret=interpret)
   slot, _, _, stats = pl.pallas_call(
       kernel, grid=(b,),
-      in_specs=[spec(l, cf), spec(n_levels, l, cf), spec(*rel.shape[1:]), spec(l, kp),
+      in_specs=[spec(l, cf), spec(nlp, l, cf), spec(*rel.shape[1:]), spec(l, kp),
                 spec(kp), spec(nlp), spec(nlp)],
       out_specs=[spec(l), spec(kp), spec(kp), spec(STATS)],
       out_shape=[jax.ShapeDtypeStruct((b, l), jnp.int32),
