@@ -177,7 +177,7 @@ def main(_):
     optimum = np.take_along_axis(np.asarray(cost, np.float64), results["scipy"][1][
         ..., None], axis=-1)[..., 0].sum(-1)
     infos = {m: jax.tree.map(np.asarray, jax.jit(functools.partial(
-        auction.auction_solve, kernel=KERNELS.get(m) or matching.auction_kernel_choice(l)))(
+        auction.auction_solve, kernel=KERNELS.get(m) or matching.auction_kernel_choice(l, k)))(
             cost)[1]) for m in done if m.startswith("auction")}
     for method in done:
       seconds, codes, runs = results[method]

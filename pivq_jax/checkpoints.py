@@ -207,7 +207,8 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
 # ----------------------------------------------------------------------------------------
 IDENTITY_SECTIONS = ("family", "data", "model", "quantizer", "disc", "factorqvae")
 # Where the data lives and how it is read may change between machines; the model may not.
-# The auction's kernel gives the same codes either way.
+# The auction's kernel: the same algorithm, optimal within the same bound either way (a
+# batch's ties may settle differently), and not the model's architecture.
 _NOT_IDENTITY = {"data": ("data_dir", "num_threads", "max_unreadable_fraction"),
                  "quantizer": ("auction_kernel",)}
 

@@ -56,7 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.quantizer.num_codes = 2048  # K
   c.quantizer.solver = "auction"  # matching: auction (on device) | hungarian | sinkhorn
   # The auction as one fused Pallas kernel (a GPU that compiles it) or pure JAX: the same
-  # codes, so not part of a workdir's identity. auto | xla | pallas (off GPU: interpreted).
+  # algorithm and bound, so not part of a workdir's identity. auto | xla | pallas (off
+  # GPU: interpreted, slowly).
   c.quantizer.auction_kernel = "auto"
   c.quantizer.beta = 0.25
   c.quantizer.beta_on_codebook = True  # UT's convention; False = VQ-VAE's

@@ -396,8 +396,8 @@ def test_kernel_lowers_to_triton(l, k):
 
 
 def test_kernel_choice():
-  assert matching.auction_kernel_choice(512) == "xla"  # no GPU here
-  assert not matching.fused_auction_available()
+  assert matching.auction_kernel_choice(512, 4096) == "xla"  # no GPU here
+  assert not matching.fused_auction_available(512, 4096)
   with pytest.raises(ValueError, match="Unknown auction kernel"):
     auction.auction_solve(jnp.zeros((1, 2, 4)), kernel="cuda")
   with pytest.raises(ValueError, match="Unknown auction kernel 'cuda'"):
@@ -409,16 +409,18 @@ def test_kernel_choice():
 
 def test_kernel_check_runs_inside_a_traced_step(monkeypatch, caplog):
   """On a GPU the first matching usually comes from a train step being traced: the check
-  solve must still run (on concrete arrays) and pick the kernel, not fail on tracers and
-  fall back. Here "GPU" is simulated and the kernel is interpreted."""
+  solves must still run (on concrete arrays, at the solve's size, through the list
+  ladder's cheap and final levels) and pick the kernel, not fail on tracers and fall
+  back. Here "GPU" is simulated and the kernel is interpreted."""
   monkeypatch.setattr(matching, "_on_gpu", lambda: True)
   for fn in (matching.fused_auction_available, matching.auction_kernel_choice):
     fn.cache_clear()
   try:
     seen = []
-    jax.jit(lambda c: seen.append(matching.auction_kernel_choice(c.shape[1])) or c)(
-        jnp.zeros((2, 8, 24)))
-    assert seen == ["pallas"] and matching.auction_kernel_choice(6) == "xla"  # L = 6: no
+    jax.jit(lambda c: seen.append(matching.auction_kernel_choice(*c.shape[1:])) or c)(
+        jnp.zeros((2, 64, 256)))
+    assert seen == ["pallas"] and matching.auction_kernel_choice(6, 24) == "xla"  # L = 6
+    assert len(auction.list_lengths(64, 256)) == 2  # the check ran a cheap level too
     assert "unavailable" not in caplog.text
   finally:
     for fn in (matching.fused_auction_available, matching.auction_kernel_choice):

@@ -2,7 +2,11 @@
 
 `auction.py`'s algorithm, round for round (the same bids, ties, eps phases, reverse
 iterations, eviction rule, candidate-list ladder and duality-gap certificate), but each
-image runs its whole solve in one program of one launch. The pure-JAX solver is a
+image runs its whole solve in one program of one launch. Per image it is the pure-JAX
+solver on a batch of one; on a larger batch the pure-JAX ladder is batch-wide (a level
+is skipped or rerun for every image), so the two can settle ties differently, each within
+the same optimality bound. The certificate here is summed in S-scaled form and row blocks,
+so a gap exactly at its threshold may be judged differently too. The pure-JAX solver is a
 `lax.while_loop` per phase under vmap: on a GPU every round is ~70-95 small kernels and
 a host round trip (~110 us per round on an H100, `docs/benchmarks.md`), and the batch
 moves in lock step, each loop as long as its slowest image and each list level run for
@@ -48,7 +52,7 @@ def supports(l: int) -> bool:
   return l >= 2 and l & (l - 1) == 0
 
 
-def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
+def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, ratio_ref, fits_ref,
             slot_ref, price_ref, owner_ref, stats_ref, *, levels, num_codes, max_rounds,
             price_caps, phases, direct_limit, buffer, reverse_buffer, eps_final,
             interpret):
@@ -57,8 +61,9 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
   first (level n's lists are their first levels[n] columns); a [NL, L, Cf] level n's
   benefits; rel [L, Kp] (read only with NL > 1) min cost - cost, -inf on padding;
   inv [L, Kp] a code's position in a latent's list (-1: absent); minpos [Kp] its smallest
-  position in any list; scale [NLp] each level's S; fits [NLp] 1 where the precheck lets
-  level n run. Outputs: slot [L] (list positions), price [Kp] (the accepted level's
+  position in any list; scale [NLp] each level's S; ratio [NLp] S of level n - 1 / S of
+  level n (computed outside: Triton's division is approximate); fits [NLp] 1 where the
+  precheck lets level n run. Outputs: slot [L] (list positions), price [Kp] (the accepted level's
   units), owner [Kp], stats [STATS]."""
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
   l, cf = cand_ref.shape
@@ -243,7 +248,7 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
     # Warm start from the previous level where it converged (its lists are a prefix of
     # these, so list positions carry over; prices rescaled to this level's S), else cold.
     scale = pick(scale_ref, n)
-    ratio = pick(scale_ref, n - 1) / scale if n else jnp.float32(1.0)
+    ratio = pick(ratio_ref, n)
     slot = jnp.where(warm, slot_ref[...], -1)
     price = jnp.where(warm, price_ref[...] * ratio, 0.0)
     barrier()
@@ -282,7 +287,7 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, fits_ref,
       # Duality gap over all K codes (`auction._level`'s certificate), times S so no
       # division runs here: sum_i (max_j (rel_ij - S p_j) - S own_i) + S sum(unheld p).
       price = price_ref[...]
-      tile = min(_pow2(l), max(1, 2 ** 15 // kp))
+      tile = min(_pow2(l), max(1, 2 ** 13 // kp))  # [tile, Kp] <= 8k values live
 
       def gap_rows(rows, real, acc):
         best = jnp.max(rel_ref[rows[:, None], codes_k[None, :]] - scale * price[None, :],
@@ -337,6 +342,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
   spread = neg[..., :1] - neg
   scale = jnp.stack([jnp.max(spread[..., :c], axis=(1, 2)) for c in levels], axis=1)
   scale = jnp.where(scale > 0, scale, 1.0)
+  ratio = jnp.concatenate([jnp.ones_like(scale[:, :1]), scale[:, :-1] / scale[:, 1:]], 1)
   a = jnp.stack([jnp.pad(-spread[..., :c] / scale[:, n, None, None],
                          ((0, 0), (0, 0), (0, cf - c))) for n, c in enumerate(levels)], 1)
   a = jnp.pad(a, ((0, 0), (0, nlp - n_levels), (0, 0), (0, 0)))  # Triton: power-of-two blocks
@@ -363,7 +369,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
   slot, _, _, stats = pl.pallas_call(
       kernel, grid=(b,),
       in_specs=[spec(l, cf), spec(nlp, l, cf), spec(*rel.shape[1:]), spec(l, kp),
-                spec(kp), spec(nlp), spec(nlp)],
+                spec(kp), spec(nlp), spec(nlp), spec(nlp)],
       out_specs=[spec(l), spec(kp), spec(kp), spec(STATS)],
       out_shape=[jax.ShapeDtypeStruct((b, l), jnp.int32),
                  jax.ShapeDtypeStruct((b, kp), jnp.float32),
@@ -371,7 +377,8 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
                  jax.ShapeDtypeStruct((b, STATS), jnp.int32)],
       compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
       interpret=interpret, name="pivq_auction")(
-          cand.astype(jnp.int32), a, rel, inv, minpos, pad_levels(scale), pad_levels(fits))
+          cand.astype(jnp.int32), a, rel, inv, minpos, pad_levels(scale), pad_levels(ratio),
+          pad_levels(fits))
   level = stats[:, _LEVEL]
   codes = jnp.take_along_axis(cand, jnp.maximum(slot, 0)[..., None], axis=-1)[..., 0]
   history = stats[:, :12 * n_levels].reshape(b, n_levels, 6, 2)[:, :, :1 + n_phases]

@@ -89,7 +89,7 @@ def assign(cost, *, solver: str = "auction", check_finite: bool = True,
   checkpoint) skips the run-time check, which also keeps host callbacks out of the auction
   (so the persistent compilation cache can hold it); images with non-finite costs get -1.
   `auction_kernel`: "auto" (`auction_kernel_choice`), "xla" or "pallas" (the fused
-  kernel; off GPU in Pallas' interpreter, slowly): the same codes.
+  kernel; off GPU in Pallas' interpreter, slowly): the same algorithm and bound.
   """
   if solver not in SOLVERS:
     raise ValueError(f"Unknown matching solver {solver!r}; use one of {SOLVERS}.")
@@ -110,7 +110,7 @@ def assign(cost, *, solver: str = "auction", check_finite: bool = True,
   flat = cost.reshape(-1, l, k)
   if solver == "auction":
     out = _auction_jit(flat, auction_kernel if auction_kernel != "auto"
-                       else auction_kernel_choice(l))
+                       else auction_kernel_choice(l, k))
   else:
     out = _sinkhorn_jit(flat)
   return out.reshape(*lead, l)
@@ -120,42 +120,63 @@ def _on_gpu() -> bool:
   return jax.default_backend() == "gpu"
 
 
+def _check_instances(l: int, k: int) -> list[np.ndarray]:
+  """One image of Gaussian latents and one collapsed onto a code, [1, L, K] each: the
+  ladder's cheap and final levels at the solve's own size."""
+  rng = np.random.default_rng(0)
+  codebook = rng.normal(size=(k, 8))
+  out = []
+  for z in (rng.normal(size=(l, 8)), codebook[0] + 0.01 * rng.normal(size=(l, 8))):
+    out.append(np.linalg.norm(z[:, None] - codebook[None], axis=-1)[None].astype(np.float32))
+  return out
+
+
 @functools.cache
-def fused_auction_available() -> bool:
-  """A GPU where the fused auction kernel compiles and a tiny solve equals the pure-JAX
-  auction's (checked once per process; logged when not)."""
+def fused_auction_available(l: int, k: int) -> bool:
+  """A GPU where the fused auction kernel compiles at L x K and solves check instances as
+  the pure-JAX auction does: one-to-one, converged, and as cheap within the bound
+  (checked once per size and process; logged when not)."""
   if not _on_gpu():
     return False
+
   def check():
-    cost = jnp.asarray(np.random.default_rng(0).random((2, 8, 24)), jnp.float32)
-    got, want = (jax.jit(functools.partial(auction.auction_solve, kernel=kn))(cost)[0]
-                 for kn in ("pallas", "xla"))
-    assert bool(jnp.all(got == want)), "its check solve differs from the pure-JAX one"
+    for cost in _check_instances(l, k):
+      (got, info), (want, _) = (
+          jax.jit(functools.partial(auction.auction_solve, kernel=kn))(jnp.asarray(cost))
+          for kn in ("pallas", "xla"))
+      got, want = np.asarray(got)[0], np.asarray(want)[0]
+      assert len(set(got.tolist())) == l and got.min() >= 0, "it repeated a code"
+      assert bool(info["converged"][0]), "it did not converge"
+      c64 = cost[0].astype(np.float64)
+      extra = c64[np.arange(l), got].sum() - c64[np.arange(l), want].sum()
+      assert extra <= 2 * float(info["gap_bound"][0]) + 1e-6, "its solution costs more"
 
   try:
     # Usually first asked while a train step is traced: JAX's tracing state is per
     # thread, so in a thread of its own the check runs now, on concrete arrays.
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
       pool.submit(check).result()
-    logging.info("Matching: the auction runs as one fused Pallas kernel per solve.")
+    logging.info("Matching: the auction runs as one fused Pallas kernel per solve "
+                 "(%d x %d).", l, k)
     return True
   except Exception as e:  # pylint: disable=broad-except
-    logging.warning("Matching: the fused auction kernel is unavailable (%s); using the "
-                    "pure-JAX auction.", str(e).splitlines()[0][:200])
+    why = (str(e).splitlines() or [type(e).__name__])[0][:200]
+    logging.warning("Matching: the fused auction kernel is unavailable at %d x %d (%s); "
+                    "using the pure-JAX auction.", l, k, why)
     return False
 
 
 @functools.cache
-def auction_kernel_choice(l: int) -> str:
-  """The auction's kernel for L latents here: "pallas" on a GPU that runs it (Triton
-  needs L to be a power of two), else "xla"."""
-  if not fused_auction_available():
+def auction_kernel_choice(l: int, k: int) -> str:
+  """The auction's kernel for L latents and K codes here: "pallas" on a GPU that runs it
+  at that size (Triton needs L to be a power of two), else "xla"."""
+  if not _on_gpu():
     return "xla"
   if not auction_kernel.supports(l):
     logging.info("Matching: L = %d is not a power of two, which the fused auction kernel "
                  "needs; using the pure-JAX auction.", l)
     return "xla"
-  return "pallas"
+  return "pallas" if fused_auction_available(l, k) else "xla"
 
 
 auction_solve = auction.auction_solve

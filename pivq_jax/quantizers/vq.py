@@ -60,7 +60,8 @@ class VectorQuantizer(nn.Module):
     assignment: "nearest" or "matching".
     solver: matching solver (see `matching.assign`); ignored for nearest.
     auction_kernel: the auction's kernel: "auto" (the fused Pallas kernel on a GPU that
-      runs it, else pure JAX), "xla" or "pallas" (see `matching.assign`); the same codes.
+      runs it, else pure JAX), "xla" or "pallas" (see `matching.assign`); both optimal
+      within the same bound.
     beta: weight of one of the two VQ loss terms (0.25 in UT and the paper).
     beta_on_codebook: UT's convention (default) puts beta on the codebook term,
       ||sg(z_e) - z_q||^2; VQ-VAE puts it on the commitment term ||z_e - sg(z_q)||^2.
