@@ -390,9 +390,12 @@ def test_kernel_lowers_to_triton(l, k):
             lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1
   with pytest.raises(ValueError, match="needs L to be a power of two on a GPU, got L=48"):
-    auction_kernel.solve(jnp.zeros((1, 48, 64)), levels=[48], max_rounds=[10],
-                         price_caps=[np.inf], phases=[0.5], direct_limit=4, buffer=32,
-                         reverse_buffer=8, eps_final=0.5, interpret=False)
+    auction_kernel.solve(jnp.zeros((1, 48, 64)), jnp.zeros((1, 48)),
+                         jnp.zeros((1, 48, 48), jnp.int32), jnp.zeros((1, 48, 48)),
+                         fits=jnp.ones((1, 1), bool), scale=jnp.ones((1, 1)), levels=[48],
+                         max_rounds=[10], price_caps=[np.inf], phases=[0.5],
+                         direct_limit=4, buffer=32, reverse_buffer=8, eps_final=0.5,
+                         interpret=False)
 
 
 def test_kernel_choice():

@@ -1,7 +1,8 @@
 """The on-device matching solver (PI-VQ paper §3.4): an eps-scaling forward/reverse
 auction for the asymmetric assignment problem (Bertsekas 1988; Bertsekas & Castanon 1993),
-pure JAX (batched ops and `lax.while_loop`), so it runs under jit, vmap and batch sharding.
-`matching.assign(cost, solver="auction")` is the entry point.
+pure JAX (batched ops and `lax.while_loop`), so it runs under jit, vmap and batch sharding;
+`auction_kernel` fuses the same rounds into one GPU launch per solve, each image on its
+own. `matching.assign(cost, solver="auction")` is the entry point.
 
 Auction (per image; the images of a batch run in lock step)
 ------------------------------------------------------------
@@ -30,10 +31,9 @@ Persons are the L latents, objects the K codes, benefits a_ij = -cost_ij.
 3. The asymmetric trap. With L < K, eps-CS is not enough: optimality also needs every
    *unheld* code priced no higher than every held one (the lambda condition). eps-scaling
    carries prices across phases, so a code can end unheld with a stale high price and the
-   result is then suboptimal (a feasibility probe that restarted each phase with kept
-   prices measured 3-14% gaps). So after every forward pass, with lambda = min held
-   price, reverse iterations run on the unheld codes priced above lambda (up to
-   REVERSE_BUFFER per round): such a code either drops to lambda (no latent would gain
+   result is then suboptimal. So after every forward pass, with lambda = min held price,
+   reverse iterations run on the unheld codes priced above lambda (up to REVERSE_BUFFER
+   per round): such a code either drops to lambda (no latent would gain
    more than eps from it) or takes its best latent at price max(lambda, second best -
    eps), freeing that latent's old code. Each take raises a latent's profit by >= eps, so
    this ends; eps-CS is kept and every latent stays assigned. Afterwards prices are
@@ -65,10 +65,6 @@ EPS_FINAL cannot go much lower: prices live in float32 on a [0, ~1] scale where 
 is 2^-24..2^-23; every bid moves a price by at least one ulp (nextafter), so every round
 makes progress.
 
-Kernels: "xla" runs the rounds as while loops under vmap (the batch in lock step);
-"pallas" (`auction_kernel`) runs the same rounds, ladder and certificate fused into one
-launch per solve, each image on its own.
-
 Non-finite costs: the auction runs on sanitised costs (so it always terminates) and
 returns -1 for every latent of an image whose costs are not finite.
 """
@@ -91,15 +87,13 @@ LADDER = (32, 128)
 BUFFER = 32  # unassigned latents bidding per forward round (at most)
 REVERSE_BUFFER = 8  # overpriced unheld codes handled per reverse round (at most)
 PRICE_CAP = 8.0  # a cheap level gives up when a price passes this (likely infeasible)
+KERNELS = ("xla", "pallas")
 
 
 def direct_rounds(l: int) -> int:
-  """Forward rounds the direct attempt (no eps-scaling) may take before the eps-scaling
-  phases start over: twice what seating L latents BUFFER at a time takes, plus 16 (a
-  choice; docs/benchmarks.md: Gaussian latents finish in 23-34 at 512 x 4,096 and 1-3 at
-  32 x 1,024, collapsed ones would fight price wars for 7,000-31,000)."""
+  """The direct attempt's forward rounds before eps-scaling starts over: twice what seating
+  L latents BUFFER at a time takes, plus 16 (a choice, measured in docs/benchmarks.md)."""
   return 2 * -(-l // BUFFER) + 16
-KERNELS = ("xla", "pallas")
 
 
 # ----------------------------------------------------------------------------------------
@@ -112,11 +106,8 @@ def _phases():
 
 
 def _first_true(mask, n):
-  """Indices of the first n True entries of a 1-D mask (len(mask) where fewer).
-
-  jnp.nonzero(size=n) costs a slow cumsum + full scatter on CPU; a log-depth prefix sum
-  and a binary search are several times cheaper, and this runs once per auction round.
-  """
+  """Indices of the first n True entries of a 1-D mask (len(mask) where fewer); a prefix
+  sum and a binary search, several times cheaper than jnp.nonzero(size=n) on CPU."""
   count = jax.lax.associative_scan(jnp.add, mask.astype(jnp.int32))
   return jnp.searchsorted(count, jnp.arange(1, n + 1, dtype=jnp.int32), side="left",
                           method="scan_unrolled").astype(jnp.int32)
@@ -295,19 +286,35 @@ def _fill_unassigned(codes, num_codes):
   return jnp.where(codes < 0, free[jnp.clip(rank, 0, l - 1)], codes)
 
 
-def _level(cost, init, *, c, final, max_rounds):
-  """Auction with the top-c codes of every latent as candidates, warm-started from the
-  previous level's result `init` where that one converged. Returns a result dict (its
-  "phase_rounds" [B, 1 + phases, 2]: forward and reverse rounds of the direct attempt
-  and of each eps phase)."""
-  bsz, l, k = cost.shape
+def _lists(cost, c):
+  """Each latent's c nearest codes in order: (-costs, ids, costs minus the nearest's), all
+  [B, L, c]. Ties go in index order, so shorter lists prefix longer ones."""
   # The barrier keeps XLA from rewriting top_k into a full sort when fused with its users.
   # One barrier per array: a barrier over the (values, indices) pair crashes XLA:CPU's
   # compiler under shard_map on several devices (jax 0.10.2).
   neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, c))
-  spread = neg[..., :1] - neg  # >= 0: each list shifted so its best costs 0
+  return neg, cand, neg[..., :1] - neg
+
+
+def _scale(spread):
+  """S per image: the largest spread of its lists (1 where all are 0)."""
   scale = jnp.max(spread, axis=(1, 2))
-  scale = jnp.where(scale > 0, scale, 1.0)
+  return jnp.where(scale > 0, scale, 1.0)
+
+
+def _crowd(cand, num_codes):
+  """Per image, the most latents sharing a nearest code (shorter lists cannot hold them)."""
+  b = cand.shape[0]
+  top1 = jnp.zeros((b, num_codes), jnp.int32).at[jnp.arange(b)[:, None], cand[..., 0]].add(1)
+  return jnp.max(top1, axis=1)
+
+
+def _level(cost, init, *, c, final, max_rounds):
+  """Auction on each latent's c nearest codes, warm-started from the previous level's
+  result `init` where that one converged; a result dict ("phase_rounds" as info's)."""
+  bsz, l, k = cost.shape
+  neg, cand, spread = _lists(cost, c)  # each list shifted so its best costs 0
+  scale = _scale(spread)
   a = -spread / scale[:, None, None]
   solve = jax.vmap(functools.partial(_auction_one, num_codes=k, max_rounds=max_rounds,
                                      price_cap=np.inf if final else PRICE_CAP))
@@ -341,13 +348,12 @@ def _level(cost, init, *, c, final, max_rounds):
   # Cheap precheck against lists too short to hold a perfect matching: a group of latents
   # sharing one nearest code (a collapsed cluster) has nearly the same lists, so skip
   # this level when such a group outnumbers a list.
-  top1 = jnp.zeros((bsz, k), jnp.int32).at[jnp.arange(bsz)[:, None], cand[..., 0]].add(1)
   skipped = {"codes": jnp.full((bsz, l), -1, jnp.int32), "ok": jnp.zeros((bsz,), bool),
              "warm": jnp.zeros((bsz,), bool), "price": jnp.zeros((bsz, k), jnp.float32),
              "rounds": jnp.zeros((bsz,), jnp.int32), "scale": scale,
              "level": jnp.full((bsz,), c, jnp.int32),
              "phase_rounds": jnp.zeros((bsz, len(_phases()) + 1, 2), jnp.int32)}
-  return jax.lax.cond(jnp.max(top1) <= c, run, lambda _: skipped, None)
+  return jax.lax.cond(jnp.max(_crowd(cand, k)) <= c, run, lambda _: skipped, None)
 
 
 def _codes(cand, slot):
@@ -371,16 +377,12 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
   "converged" (False only if max_rounds ran out: the leftover latents then got arbitrary
   free codes, still one-to-one), "gap_bound" (L * 2^-21 * S, the guaranteed bound on
   total cost - optimum in cost units; see the module docstring), "level_rounds" (int32[B,
-  levels]: each image's rounds at every list length, abandoned levels included;
-  "phase_rounds" int32[B, levels, 1 + eps phases, 2] splits them into forward and reverse
-  rounds per phase),
-  "lockstep_rounds" (the rounds this call's loops ran, the accelerator's cost: "xla"
-  moves the batch in lock step, each while loop as long as its slowest image, and a level
-  runs for the whole batch unless every image is certified; "pallas" is one launch, as
-  long as its slowest image's rounds over the levels it ran).
-  kernel: "xla" (pure JAX) or "pallas" (`auction_kernel`: the same algorithm fused into
-  one kernel, each image climbing the ladder on its own; Pallas' interpreter off GPU).
-  `matching.assign` picks one.
+  levels]: each image's rounds per list length, abandoned levels included), "phase_rounds"
+  (int32[B, levels, 1 + eps phases, 2]: forward and reverse, direct attempt first),
+  "lockstep_rounds" (the rounds the loops ran, the accelerator's cost: "xla" moves the
+  batch in lock step and runs a level for all unless all are certified; "pallas" is one
+  launch, as long as its slowest image's rounds). kernel: "xla" (pure JAX) or "pallas"
+  (`auction_kernel`; Pallas' interpreter off GPU); `matching.assign` picks one.
   """
   if kernel not in KERNELS:
     raise ValueError(f"Unknown auction kernel {kernel!r}; use one of {KERNELS}.")
@@ -404,11 +406,14 @@ def auction_solve(cost, *, max_rounds=None, kernel="xla"):
     return out
 
   budgets = [max_rounds if c == final_c else 20 * l + 4000 for c in levels]
-  if kernel == "pallas":
+  if kernel == "pallas":  # the same lists, scales and precheck, per image
+    neg, cand, spread = _lists(cost, final_c)  # every level's lists are prefixes
+    fits = jnp.stack([(_crowd(cand, k) <= c) | (c == final_c) for c in levels], axis=1)
+    scale = jnp.stack([_scale(spread[..., :c]) for c in levels], axis=1)
     res = auction_kernel.solve(
-        cost, levels=levels, max_rounds=budgets, phases=_phases(),
-        direct_limit=direct_rounds(l), buffer=BUFFER,
-        price_caps=[np.inf if c == final_c else PRICE_CAP for c in levels],
+        cost, neg[..., 0], cand, spread, fits=fits, scale=scale, levels=levels,
+        max_rounds=budgets, price_caps=[np.inf if c == final_c else PRICE_CAP for c in levels],
+        phases=_phases(), direct_limit=direct_rounds(l), buffer=BUFFER,
         reverse_buffer=REVERSE_BUFFER, eps_final=EPS_FINAL)
   for i, c in enumerate(levels if kernel == "xla" else []):
     run = functools.partial(level, i=i, c=c)

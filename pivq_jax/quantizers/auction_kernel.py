@@ -317,10 +317,14 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, ratio_ref,
   stats_ref[...] = carry[2]
 
 
-def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
-          reverse_buffer, eps_final, interpret=None, num_warps=8):
-  """The auction on cost float32[B, L, K] (finite), one program per image. levels: the
-  list lengths (`auction.list_lengths`), with each level's round budget and price cap.
+def solve(cost, nearest, cand, spread, *, fits, scale, levels, max_rounds, price_caps,
+          phases, direct_limit, buffer, reverse_buffer, eps_final, interpret=None,
+          num_warps=8):
+  """The auction on cost float32[B, L, K] (finite), one program per image, from
+  `auction._lists` at the final level: nearest [B, L] minus the nearest code's cost, cand
+  and spread [B, L, Cf]. levels: the list lengths (`auction.list_lengths`), with each
+  level's round budget and price cap, fits [B, levels] (the precheck) and S, scale
+  [B, levels].
   Returns `auction.auction_solve`'s per-image results: codes (-1: unassigned), ok,
   rounds, scale and level (of the accepted level), history [B, levels, phases, 2].
   interpret=None: compiled on a GPU, Pallas' interpreter elsewhere."""
@@ -336,19 +340,11 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
   n_levels, n_phases = len(levels), len(phases)
   assert n_levels <= 5 and n_phases <= 5, "the stats layout holds 5 levels of 1 + 5 phases"
   cf, kp, nlp = levels[-1], _pow2(k), _pow2(n_levels)
-  # Lists as `auction._level` makes them; top_k puts ties in index order, so each
-  # level's lists are the first columns of the final level's.
-  neg, cand = map(jax.lax.optimization_barrier, jax.lax.top_k(-cost, cf))
-  spread = neg[..., :1] - neg
-  scale = jnp.stack([jnp.max(spread[..., :c], axis=(1, 2)) for c in levels], axis=1)
-  scale = jnp.where(scale > 0, scale, 1.0)
+  # Each level's lists are the first columns of the final level's.
   ratio = jnp.concatenate([jnp.ones_like(scale[:, :1]), scale[:, :-1] / scale[:, 1:]], 1)
   a = jnp.stack([jnp.pad(-spread[..., :c] / scale[:, n, None, None],
                          ((0, 0), (0, 0), (0, cf - c))) for n, c in enumerate(levels)], 1)
   a = jnp.pad(a, ((0, 0), (0, nlp - n_levels), (0, 0), (0, 0)))  # Triton: power-of-two blocks
-  top1 = jnp.zeros((b, k), jnp.int32).at[jnp.arange(b)[:, None], cand[..., 0]].add(1)
-  fits = jnp.stack([(jnp.max(top1, axis=1) <= c) | (n == n_levels - 1)
-                    for n, c in enumerate(levels)], axis=1).astype(jnp.int32)
   pad_levels = lambda x: jnp.pad(x, ((0, 0), (0, nlp - n_levels)))
   person = jnp.arange(l, dtype=jnp.int32)
   inv = jnp.full((b, l, kp), -1, jnp.int32).at[
@@ -356,7 +352,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
           jnp.arange(cf, dtype=jnp.int32)[None, None, :])
   minpos = jnp.min(jnp.where(inv >= 0, inv, cf), axis=1)
   if n_levels > 1:
-    rel = jnp.pad(-(neg[..., :1] + cost), ((0, 0), (0, 0), (0, kp - k)),
+    rel = jnp.pad(-(nearest[..., None] + cost), ((0, 0), (0, 0), (0, kp - k)),
                   constant_values=-np.inf)
   else:
     rel = jnp.zeros((b, 1, 1), jnp.float32)  # no certificate: never read
@@ -378,7 +374,7 @@ def solve(cost, *, levels, max_rounds, price_caps, phases, direct_limit, buffer,
       compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps),
       interpret=interpret, name="pivq_auction")(
           cand.astype(jnp.int32), a, rel, inv, minpos, pad_levels(scale), pad_levels(ratio),
-          pad_levels(fits))
+          pad_levels(fits.astype(jnp.int32)))
   level = stats[:, _LEVEL]
   codes = jnp.take_along_axis(cand, jnp.maximum(slot, 0)[..., None], axis=-1)[..., 0]
   history = stats[:, :12 * n_levels].reshape(b, n_levels, 6, 2)[:, :, :1 + n_phases]

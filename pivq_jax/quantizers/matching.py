@@ -133,18 +133,17 @@ def _check_instances(l: int, k: int) -> list[np.ndarray]:
 
 @functools.cache
 def fused_auction_available(l: int, k: int) -> bool:
-  """A GPU where the fused auction kernel compiles at L x K and solves check instances as
-  the pure-JAX auction does: one-to-one, converged, and as cheap within the bound
-  (checked once per size and process; logged when not)."""
+  """A GPU where the fused auction kernel compiles at L x K and solves check instances
+  one-to-one, converged and within its bound of the exact host solver's optimum (checked
+  once per size and process; logged when not)."""
   if not _on_gpu():
     return False
 
   def check():
     for cost in _check_instances(l, k):
-      (got, info), (want, _) = (
-          jax.jit(functools.partial(auction.auction_solve, kernel=kn))(jnp.asarray(cost))
-          for kn in ("pallas", "xla"))
-      got, want = np.asarray(got)[0], np.asarray(want)[0]
+      got, info = jax.jit(functools.partial(auction.auction_solve, kernel="pallas"))(
+          jnp.asarray(cost))
+      got, want = np.asarray(got)[0], matching_host.solve(cost)[0]
       assert len(set(got.tolist())) == l and got.min() >= 0, "it repeated a code"
       assert bool(info["converged"][0]), "it did not converge"
       c64 = cost[0].astype(np.float64)
