@@ -137,15 +137,15 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, ratio_ref,
       who = first_true(slot < 0, person, nb, l)
       valid = who < l
       w = jnp.minimum(who, l - 1)
-      cb = cand_ref[w[:, None], cols[None, :]]
-      pb = plgpu.load(price_ref.at[cb])
-      prof = a_ref[n, w[:, None], cols[None, :]] - pb
+      prof = (a_ref[n, w[:, None], cols[None, :]]
+              - plgpu.load(price_ref.at[cand_ref[w[:, None], cols[None, :]]]))
       v = jnp.max(prof, axis=1)
       best = jnp.min(jnp.where(prof == v[:, None], cols[None, :], c), axis=1)
-      is_best = cols[None, :] == best[:, None]
-      second = jnp.max(jnp.where(is_best, -jnp.inf, prof), axis=1)
-      j = jnp.max(jnp.where(is_best, cb, -1), axis=1)
-      p_old = jnp.max(jnp.where(is_best, pb, -jnp.inf), axis=1)
+      second = jnp.max(jnp.where(cols[None, :] == best[:, None], -jnp.inf, prof), axis=1)
+      # The winning code and its price gathered again as [nb] vectors, so no [nb, C]
+      # block of ids or prices stays live past `prof` (register pressure at C = 512).
+      j = cand_ref[w, best]
+      p_old = plgpu.load(price_ref.at[j])
       # nextafter(p_old, inf) for p_old >= 0 (prices never go negative), as bits + 1.
       up = jax.lax.bitcast_convert_type(
           jax.lax.bitcast_convert_type(jnp.maximum(p_old, 0.0), jnp.int32) + 1, jnp.float32)
@@ -195,13 +195,13 @@ def _kernel(cand_ref, a_ref, rel_ref, inv_ref, minpos_ref, scale_ref, ratio_ref,
 
     def evict(rows, real, carry, eps):
       # Latents violating the new (smaller) eps-CS give their codes up.
-      cb = cand_ref[rows[:, None], cols[None, :]]
-      prof = a_ref[n, rows[:, None], cols[None, :]] - plgpu.load(price_ref.at[cb])
+      best = jnp.max(a_ref[n, rows[:, None], cols[None, :]]
+                     - plgpu.load(price_ref.at[cand_ref[rows[:, None], cols[None, :]]]),
+                     axis=1)
       s = slot_ref[rows]
-      mine = cols[None, :] == s[:, None]
-      own = jnp.max(jnp.where(mine, prof, -jnp.inf), axis=1)
-      ev = real & (s >= 0) & (own < jnp.max(prof, axis=1) - eps)
-      code = jnp.max(jnp.where(mine, cb, -1), axis=1)
+      code = cand_ref[rows, jnp.maximum(s, 0)]  # [rows] gathers, as in forward_round
+      own = a_ref[n, rows, jnp.maximum(s, 0)] - plgpu.load(price_ref.at[code])
+      ev = real & (s >= 0) & (own < best - eps)
       barrier()
       put(owner_ref, code, -1, ev)
       put(slot_ref, rows, -1, ev)
