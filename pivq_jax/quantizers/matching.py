@@ -150,6 +150,8 @@ def fused_auction_available(l: int, k: int) -> bool:
       extra = c64[np.arange(l), got].sum() - c64[np.arange(l), want].sum()
       assert extra <= 2 * float(info["gap_bound"][0]) + 1e-6, "its solution costs more"
 
+  logging.info("Matching: checking the fused auction kernel at %d x %d (its first Triton "
+               "compile can take a minute).", l, k)
   try:
     # Usually first asked while a train step is traced: JAX's tracing state is per
     # thread, so in a thread of its own the check runs now, on concrete arrays.
