@@ -13,6 +13,7 @@ import pytest
 import scipy.optimize
 
 from pivq_jax.quantizers import auction
+from pivq_jax.quantizers import auction_kernel
 from pivq_jax.quantizers import matching
 from pivq_jax.quantizers import matching_host
 
@@ -382,7 +383,6 @@ def test_kernel_lowers_to_triton(l, k):
   """The compiled path (what a GPU runs) lowers to Triton, one kernel per solve (every
   list level and certificate inside). This checks that each operation has a Triton
   lowering; it does not compile or run the kernel."""
-  from pivq_jax.quantizers import auction_kernel  # pylint: disable=g-import-not-at-top
   compiled = functools.partial(auction_kernel.solve, interpret=False)
   with mock.patch.object(auction_kernel, "solve", compiled):
     text = jax.jit(functools.partial(auction.auction_solve, kernel="pallas")).trace(
@@ -416,6 +416,10 @@ def test_kernel_check_runs_inside_a_traced_step(monkeypatch, caplog):
   ladder's cheap and final levels) and pick the kernel, not fail on tracers and fall
   back. Here "GPU" is simulated and the kernel is interpreted."""
   monkeypatch.setattr(matching, "_on_gpu", lambda: True)
+  traced = []  # the kernel's traces: the check's two instances share one compile
+  solve = auction_kernel.solve
+  monkeypatch.setattr(auction_kernel, "solve", lambda *a, **kw: traced.append(1) or solve(
+      *a, **kw))
   for fn in (matching.fused_auction_available, matching.auction_kernel_choice):
     fn.cache_clear()
   try:
@@ -425,8 +429,8 @@ def test_kernel_check_runs_inside_a_traced_step(monkeypatch, caplog):
     assert seen == ["pallas"] and matching.auction_kernel_choice(6, 24) == "xla"  # L = 6
     assert len(auction.list_lengths(64, 256)) == 2  # the check ran a cheap level too
     assert "unavailable" not in caplog.text
+    assert len(traced) == 1
   finally:
     for fn in (matching.fused_auction_available, matching.auction_kernel_choice):
       fn.cache_clear()
-  from pivq_jax.quantizers import auction_kernel  # pylint: disable=g-import-not-at-top
   assert [auction_kernel.supports(n) for n in (1, 2, 48, 512)] == [False, True, False, True]

@@ -326,7 +326,8 @@ def solve(cost, nearest, cand, spread, *, fits, scale, levels, max_rounds, price
   level's round budget and price cap, fits [B, levels] (the precheck) and S, scale
   [B, levels].
   Returns `auction.auction_solve`'s per-image results: codes (-1: unassigned), ok,
-  rounds, scale and level (of the accepted level), history [B, levels, phases, 2].
+  rounds, scale and level (of the accepted level), history [B, levels, 1 + phases,
+  2].
   interpret=None: compiled on a GPU, Pallas' interpreter elsewhere."""
   from jax.experimental import pallas as pl  # pylint: disable=g-import-not-at-top
   from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
@@ -360,8 +361,8 @@ def solve(cost, nearest, cand, spread, *, fits, scale, levels, max_rounds, price
   kernel = functools.partial(
       _kernel, levels=levels, num_codes=k, max_rounds=tuple(max_rounds),
       price_caps=tuple(float(x) for x in price_caps), phases=tuple(float(e) for e in phases),
-      direct_limit=int(direct_limit), buffer=buffer, reverse_buffer=reverse_buffer, eps_final=float(eps_final),
-      interpret=interpret)
+      direct_limit=int(direct_limit), buffer=buffer, reverse_buffer=reverse_buffer,
+      eps_final=float(eps_final), interpret=interpret)
   slot, _, _, stats = pl.pallas_call(
       kernel, grid=(b,),
       in_specs=[spec(l, cf), spec(nlp, l, cf), spec(*rel.shape[1:]), spec(l, kp),

@@ -140,9 +140,9 @@ def fused_auction_available(l: int, k: int) -> bool:
     return False
 
   def check():
+    solve = jax.jit(functools.partial(auction.auction_solve, kernel="pallas"))  # 1 compile
     for cost in _check_instances(l, k):
-      got, info = jax.jit(functools.partial(auction.auction_solve, kernel="pallas"))(
-          jnp.asarray(cost))
+      got, info = solve(jnp.asarray(cost))
       got, want = np.asarray(got)[0], matching_host.solve(cost)[0]
       assert len(set(got.tolist())) == l and got.min() >= 0, "it repeated a code"
       assert bool(info["converged"][0]), "it did not converge"
